@@ -1,0 +1,223 @@
+"""Triton forward: hidden states -> per-token log-prob, log-sum-exp and entropy, without [N, V] logits.
+
+Logits ``z = (h @ W.T + b) / T`` are built one ``[BLOCK_N, BLOCK_V]`` tile at a time with ``tl.dot``
+(fp32 accumulation) and folded into running per-token statistics (fp32), relative to the running max
+``m`` so that logits of any magnitude stay finite::
+
+    s = sum_v exp(z_v - m)                  (sum-exp)
+    t = sum_v exp(z_v - m) * (z_v - m)      (for the entropy)
+    lse = m + log(s),   entropy = log(s) - t / s,   logprob = z[y] - lse
+
+A program owns ``BLOCK_N`` tokens and one of ``num_splits`` vocabulary slices; the slices' partial
+``(m, s, t, z[y])`` are combined in ``combine_partials`` (a few [num_splits, N] tensor ops).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rpg_kernels.ops.tile_configs import launch
+
+# Start value of the running max: finite, so that "m_old - m_new" never gives inf - inf.
+_NEG_BIG = -1.0e30
+
+
+@triton.jit
+def logits_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    offs_n,
+    offs_v,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """``(h[offs_n] @ W[offs_v].T + b[offs_v]) * inv_temperature`` as a ``[BLOCK_N, BLOCK_V]`` fp32 tile."""
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    rows_h = offs_n.to(tl.int64) * stride_hn
+    rows_w = offs_v.to(tl.int64) * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        h_mask = mask_n[:, None] & mask_h[None, :]
+        w_mask = mask_v[:, None] & mask_h[None, :]
+        h = tl.load(hidden_ptr + rows_h[:, None] + offs_h[None, :], mask=h_mask, other=0.0)
+        w = tl.load(weight_ptr + rows_w[:, None] + offs_h[None, :], mask=w_mask, other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    return acc * inv_temperature
+
+
+@triton.jit
+def linear_logprobs_forward_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    part_max_ptr,
+    part_sumexp_ptr,
+    part_tsum_ptr,
+    part_target_ptr,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    num_splits,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Partial statistics of one (token block, vocabulary slice); outputs are ``[num_splits, N]`` fp32."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n_blocks
+    split = pid // num_n_blocks
+    v_per_split = tl.cdiv(tl.cdiv(V, num_splits), BLOCK_V) * BLOCK_V
+    v_start = split * v_per_split
+    v_end = tl.minimum(V, v_start + v_per_split)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    target = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
+
+    run_max = tl.full((BLOCK_N,), _NEG_BIG, dtype=tl.float32)
+    run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_tsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        z = logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
+            inv_temperature, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        target_logit += tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        alpha = tl.exp(run_max - new_max)
+        shifted = z - new_max[:, None]
+        e = tl.exp(shifted)
+        if WITH_ENTROPY:
+            run_tsum = alpha * (run_tsum + (run_max - new_max) * run_sumexp)
+            run_tsum += tl.sum(tl.where(mask_v[None, :], e * shifted, 0.0), axis=1)
+        run_sumexp = run_sumexp * alpha + tl.sum(e, axis=1)
+        run_max = new_max
+
+    out = split.to(tl.int64) * N + offs_n
+    tl.store(part_max_ptr + out, run_max, mask=mask_n)
+    tl.store(part_sumexp_ptr + out, run_sumexp, mask=mask_n)
+    tl.store(part_target_ptr + out, target_logit, mask=mask_n)
+    if WITH_ENTROPY:
+        tl.store(part_tsum_ptr + out, run_tsum, mask=mask_n)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: fp32 inputs follow ``torch.backends.cuda.matmul.allow_tf32`` (default: exact)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def num_vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> int:
+    """Vocabulary slices per token block: enough programs to fill the GPU when ``N`` is small."""
+    if device.type != "cuda":
+        return 2 if vocab > 128 else 1  # the interpreter: exercise the combine on all but tiny V
+    n_blocks = triton.cdiv(n_tokens, 64)
+    target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(vocab, 256), triton.cdiv(target_programs, n_blocks)))
+
+
+def combine_partials(
+    part_max: torch.Tensor,
+    part_sumexp: torch.Tensor,
+    part_tsum: torch.Tensor | None,
+    part_target: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Merge ``[S, N]`` per-slice statistics into ``(logprob, lse, entropy | None)``, each ``[N]`` fp32."""
+    run_max = part_max.amax(dim=0)
+    scale = torch.exp(part_max - run_max)  # empty slices: exp(-1e30 - m) = 0
+    sumexp = (part_sumexp * scale).sum(dim=0)
+    log_sumexp = torch.log(sumexp)
+    lse = run_max + log_sumexp
+    logprob = part_target.sum(dim=0) - lse
+    entropy = None
+    if part_tsum is not None:
+        tsum = (scale * (part_tsum + (part_max - run_max) * part_sumexp)).sum(dim=0)
+        entropy = log_sumexp - tsum / sumexp
+    return logprob, lse, entropy
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token ``(logprob, lse, entropy | None)`` (fp32, ``[N]``) of ``z = (hidden @ weight.T + bias) / T``.
+
+    ``hidden [N, H]``, ``weight [V, H]`` (rows contiguous), ``bias [V]`` or None, ``targets [N]`` int64.
+    Tokens with ``targets == ignore_index`` get logprob 0 and entropy 0 (their ``lse`` is still computed).
+    Inputs are assumed validated (``rpg_kernels.fused`` does it).
+    """
+    n_tokens, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    splits = num_vocab_splits(n_tokens, vocab, hidden.device)
+    n_stats = 4 if with_entropy else 3
+    part = torch.empty((n_stats, splits, n_tokens), dtype=torch.float32, device=hidden.device)
+    part_max, part_sumexp, part_target = part[0], part[1], part[2]
+    part_tsum = part[3] if with_entropy else part_max  # unused pointer when no entropy
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)
+    launch(
+        linear_logprobs_forward_kernel,
+        "forward",
+        grid,
+        hidden,
+        weight,
+        bias if bias is not None else weight,
+        targets,
+        part_max,
+        part_sumexp,
+        part_tsum,
+        part_target,
+        n_tokens,
+        vocab,
+        hidden_size,
+        hidden.stride(0),
+        weight.stride(0),
+        splits,
+        1.0 / temperature,
+        device=hidden.device,
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=with_entropy,
+        DOT_PRECISION=dot_precision(hidden.dtype),
+    )
+    part_tsum = part[3] if with_entropy else None
+    logprob, lse, entropy = combine_partials(part_max, part_sumexp, part_tsum, part_target)
+    valid = targets != ignore_index
+    logprob = torch.where(valid, logprob, 0.0)
+    if entropy is not None:
+        entropy = torch.where(valid, entropy, 0.0)
+    return logprob, lse, entropy
