@@ -1,0 +1,244 @@
+"""``python -m bench``: the methods side by side on one machine; results under bench/results/.
+
+python -m bench --quick                        # CPU: ~the target shape + a short sweep
+python -m bench --suite loss --shapes qwen2.5-7b:4k,16k --methods naive liger-chunked ours
+python -m bench --suite long-context --budget-gib 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.measure import CaseSpec, run_case, run_case_isolated
+from bench.methods import METHODS
+from bench.report import plot_suites, write_json, write_markdown
+from bench.shapes import CPU_TOKENS, GPU_TOKENS, Shape, default_dtype, parse_shapes
+from bench.suites import (
+    GIB,
+    SUITES,
+    add_matmul_ratios,
+    cases,
+    default_shapes,
+    find_max_tokens,
+    long_context_row,
+    result_row,
+)
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+SUITE_ORDER = ("loss", "logprobs", "matmul", "long-context")
+PACKAGES = ("torch", "triton", "numpy", "liger_kernel", "cut_cross_entropy", "rpg-kernels")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", default="all", choices=(*SUITE_ORDER, "all"))
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="PRESET, PRESET:N[,N..] or NxHxV (N may be 16k); presets: see bench/shapes.py",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"{' '.join(METHODS)} or FILE.py:FUNCTION (default: all of the suite's)",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (the CPU check)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default bench/results/<device>-<date>)"
+    )
+    parser.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="long-context memory budget above the inputs (default: GPU 90%% of its memory, CPU 1)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="long-context search cap on N (default: GPU 1M, CPU 16k)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed steps per case (default 5; --quick 2)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available"
+    )
+    parser.add_argument("--case-timeout", type=float, default=1800.0, help="seconds one case may take")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run cases in this process (debugging; peak memory is then not per case)",
+    )
+    args = parser.parse_args(argv)
+    args.command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {torch.get_num_threads()} threads"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "rpg_kernels", "bench"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the chosen suites; write results.json / results.md / PNGs; return the folder."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = default_dtype(device)
+    repeats = args.repeats or (2 if args.quick else 5)
+    name = device_name(device)
+    now = dt.datetime.now(dt.timezone.utc)
+    out_dir = args.out or RESULTS_ROOT / f"{slug(name.split(',')[0])}-{now:%Y-%m-%d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": device,
+        "device_name": name,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "date": now.isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "command": args.command,
+        "quick": args.quick,
+        "repeats": repeats,
+        "warmup": args.warmup,
+    }
+
+    def runner(spec: CaseSpec):
+        return run_case(spec) if args.in_process else run_case_isolated(spec, timeout_s=args.case_timeout)
+
+    suites = SUITE_ORDER if args.suite == "all" else (args.suite,)
+    default_tokens = GPU_TOKENS if device == "cuda" else CPU_TOKENS
+    plan = []
+    for suite_name in suites:
+        suite = SUITES[suite_name]
+        shapes = (
+            parse_shapes(args.shapes, default_tokens)
+            if args.shapes
+            else default_shapes(suite_name, device, args.quick)
+        )
+        methods = list(args.methods) if args.methods else list(suite.methods)
+        if suite_name == "matmul" and args.methods:
+            methods = ["matmul"]
+        plan.append((suite, shapes, methods))
+
+    rows: list[dict] = []
+    total = sum(
+        len(cases(s, sh, m, dtype, device, args.warmup, repeats))
+        if s.name != "long-context"
+        else len(sh) * len([x for x in m if x in s.methods or x not in METHODS])
+        for s, sh, m in plan
+    )
+    with tqdm(total=total, desc="bench", unit="case", dynamic_ncols=True) as bar:
+        for suite, shapes, methods in plan:
+            if suite.name == "long-context":
+                rows += _long_context(args, suite, shapes, methods, dtype, device, runner, bar)
+            else:
+                for method, spec in cases(suite, shapes, methods, dtype, device, args.warmup, repeats):
+                    bar.set_postfix_str(f"{suite.name} {method} N={spec.shape.n}")
+                    rows.append(result_row(suite, method, spec, runner(spec)))
+                    bar.update()
+            add_matmul_ratios(rows)
+            write_json(out_dir / "results.json", meta, rows)  # partial results survive an interruption
+
+    plots = plot_suites(out_dir, rows)
+    write_json(out_dir / "results.json", meta, rows)
+    write_markdown(out_dir / "results.md", meta, rows, plots)
+    return out_dir
+
+
+def _long_context(args, suite, shapes, methods, dtype, device, runner, bar) -> list[dict]:
+    budget = int((args.budget_gib if args.budget_gib is not None else _default_budget_gib(device)) * GIB)
+    n_max = args.max_tokens or (2**20 if device == "cuda" else 16384)
+    chosen = [m for m in methods if m in suite.methods or m not in METHODS]
+    rows = []
+    for shape in shapes:
+        for method in chosen:
+
+            def probe(n: int, method: str = method, shape: Shape = shape):
+                bar.set_postfix_str(f"long-context {method} N={n}")
+                # one cold step per probe, aborted once it passes the budget by 5%
+                spec = CaseSpec(
+                    method,
+                    suite.task,
+                    shape.with_n(n),
+                    dtype,
+                    device,
+                    warmup=0,
+                    repeats=1,
+                    mem_limit_bytes=int(budget * 1.05),
+                )
+                return runner(spec)
+
+            search = find_max_tokens(probe, budget, n_min=shape.n, n_max=n_max)
+            rows.append(long_context_row(method, shape, dtype, device, budget, n_max, search))
+            bar.update()
+    return rows
+
+
+def _default_budget_gib(device: str) -> float:
+    if device == "cuda":
+        return 0.9 * torch.cuda.get_device_properties(0).total_memory / GIB
+    return 1.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out_dir = run(args)
+    print(f"results: {out_dir}")
+    print((out_dir / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Write a run's results: ``results.json``, ``results.md`` (tables) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+MIB = 2**20
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None else format(value, pattern)
+
+
+def _status(row: dict) -> str:
+    if row["status"] == "ok":
+        return "ok" + (f" ({row['note']})" if row.get("note") else "")
+    return f"{row['status']}: {row['reason']}".replace("|", "/")
+
+
+def timed_table(rows: list[dict]) -> str:
+    """Markdown table of a timed suite (loss, logprobs, matmul)."""
+    lines = [
+        "| method | shape | N | time ms (median) | min–max ms | peak mem MiB | TFLOP/s | × matmul | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        spread = f"{r['time_min_ms']:.1f}–{r['time_max_ms']:.1f}" if r["time_ms"] is not None else "—"
+        peak = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / MIB
+        tflops = r["tflops"]
+        lines.append(
+            f"| {r['method']} | {r['shape']} | {r['n']} | {_fmt(r['time_ms'], '.1f')} | {spread} | "
+            f"{_fmt(peak, '.0f')} | {_fmt(tflops, '.3g')} | {_fmt(r['ratio_to_matmul'], '.2f')} | "
+            f"{_status(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def long_context_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | head (H, V) | budget GiB | max N that fits | peak mem MiB at max N | probes | status |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        max_n = "—" if r["status"] != "ok" else (f"≥ {r['max_n']} (cap)" if r["capped"] else str(r["max_n"]))
+        peak = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / MIB
+        lines.append(
+            f"| {r['method']} | {r['shape']} ({r['h']}, {r['v']}) | {r['budget_bytes'] / 2**30:g} | "
+            f"{max_n} | {_fmt(peak, '.0f')} | {len(r['probes'])} | {_status(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, meta: dict, rows: list[dict], plots: list[str]) -> None:
+    by_suite: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_suite[row["suite"]].append(row)
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    out = [
+        f"# Benchmark: {meta['device_name']}",
+        "",
+        f"`{meta['command']}` · {meta['date']} · commit `{meta['git_commit']}` · {meta['dtype']} · "
+        f"{meta['threads']} threads",
+        "",
+        f"Versions: {versions}.",
+        "",
+        "Time: median of the timed repeats after warm-up (min–max beside it). Peak memory: above the "
+        "inputs, in a fresh process per method and shape. TFLOP/s: loss 8·N·H·V, logprobs 2·N·H·V, "
+        "bare matmul 6·N·H·V (fwd+bwd) or 2·N·H·V (fwd). × matmul: time over the bare LM-head matmul's "
+        "at the same shape.",
+        "",
+    ]
+    for suite, suite_rows in by_suite.items():
+        out += [f"## {suite}", ""]
+        out += [long_context_table(suite_rows) if suite == "long-context" else timed_table(suite_rows), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    path.write_text("\n".join(out))
+
+
+def plot_suites(out_dir: Path, rows: list[dict]) -> list[str]:
+    """One PNG per (timed suite, head preset): time vs N and peak memory vs N, one line per method;
+    one bar chart for the long-context suite. Returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names: list[str] = []
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["suite"] != "long-context" and row["status"] == "ok":
+            groups[(row["suite"], row["shape"])].append(row)
+    for (suite, shape), group in groups.items():
+        fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+        by_method: dict[str, list[dict]] = defaultdict(list)
+        for row in group:
+            by_method[row["method"]].append(row)
+        for method, points in by_method.items():
+            points.sort(key=lambda r: r["n"])
+            ns = [r["n"] for r in points]
+            style = {"marker": "o", "linestyle": "--" if method == "matmul" else "-"}
+            ax_time.plot(ns, [r["time_ms"] for r in points], label=method, **style)
+            ax_mem.plot(ns, [max(r["peak_mem_bytes"], 1) / MIB for r in points], label=method, **style)
+        h, v = group[0]["h"], group[0]["v"]
+        for ax, ylabel in ((ax_time, "time per step (ms)"), (ax_mem, "peak memory above inputs (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens N")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_time.legend(fontsize=8)
+        fig.suptitle(f"{suite}: {shape} head (H={h}, V={v}), {group[0]['dtype']}, {group[0]['device']}")
+        fig.tight_layout()
+        name = f"{suite}-{shape}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+
+    long_rows = [r for r in rows if r["suite"] == "long-context"]
+    if long_rows:
+        fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(long_rows)))
+        labels = [f"{r['method']} · {r['shape']}" for r in long_rows]
+        values = [r["max_n"] if r["status"] == "ok" else 0 for r in long_rows]
+        bars = ax.barh(labels, values)
+        for bar, row in zip(bars, long_rows):
+            text = (
+                (f"≥{row['max_n']} (cap)" if row["capped"] else str(row["max_n"]))
+                if row["status"] == "ok"
+                else row["status"]
+            )
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {text}", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"largest N whose loss step fits {long_rows[0]['budget_bytes'] / 2**30:g} GiB")
+        ax.set_title(f"long context ({long_rows[0]['dtype']}, {long_rows[0]['device']})")
+        fig.tight_layout()
+        fig.savefig(out_dir / "long-context.png", dpi=110)
+        plt.close(fig)
+        names.append("long-context.png")
+    return names
