@@ -1,0 +1,68 @@
+"""Command line: ``python -m rpg_train --preset tiny`` (or ``torchrun --nproc_per_node=K -m rpg_train ...``).
+
+Examples::
+
+    python -m rpg_train --preset tiny
+    python -m rpg_train --preset tiny --set train.seed=1 --out runs/tiny-s1
+    python -m rpg_train --preset rpg --set model.path=/models/Qwen2.5-Math-7B \\
+        --set data.train_file=/data/dapo-math-17k.parquet --set data.eval_file=/data/aime24.jsonl
+    python -m rpg_train --config runs/tiny/config.yaml --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rpg_train.config import PRESETS, build_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m rpg_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named base configuration")
+    parser.add_argument("--config", help="YAML file (same layout as the saved config.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one field, e.g. --set optim.lr=1e-5 (repeatable)",
+    )
+    parser.add_argument("--out", help="output folder (train.out_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    if args.preset is None and args.config is None:
+        parser.error("give --preset NAME or --config FILE.yaml (try --preset tiny)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
+    cfg = build_config(args.preset, args.config, overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(cfg.to_yaml(), end="", flush=True)
+    if args.print_config:
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():  # vLLM on CPU: engine in this process, small KV cache (unless set)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from rpg_train.train import TrainingDiverged, train
+
+    try:
+        train(cfg, resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"rpg_train: stopped: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The trainer's loss path (old log-probs, loss, backward) never materialises ``[N, V]`` logits.
+
+Every tensor an op returns is recorded by a ``TorchDispatchMode``; with ``V = 8192`` far larger than the other
+dimensions, no tensor may reach ``N * V / 8`` elements. The same recorder does see the logits of a plain
+``model(...)`` call, so the check can fail.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import rpg_kernels as rk
+from rpg_train.logprobs import build_batch, policy_loss, sequence_logprobs
+
+VOCAB, HIDDEN = 8192, 32
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor (in elements) produced by any op while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.largest:
+                self.largest, self.op = leaf.numel(), str(func)
+        return out
+
+
+def tiny_model():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config).float()
+
+
+@pytest.mark.timeout(120)
+def test_loss_path_never_builds_logits():
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (4,), generator=gen).tolist() for _ in range(32)]
+    completions = [torch.randint(0, VOCAB, (150,), generator=gen).tolist() for _ in range(32)]
+    batch = build_batch(prompts, completions, pad_id=0)
+    n_rows = batch.targets.numel()  # N: every scored row, padding included
+    limit = n_rows * VOCAB // 8
+    assert VOCAB * HIDDEN < limit  # the LM-head weight and its gradient are allowed
+
+    with LargestAllocation() as recorder:
+        old, _ = sequence_logprobs(model, batch, micro_batch=32, backend="torch")
+        advantages = torch.randn(len(batch), generator=gen)
+        loss, _ = policy_loss(
+            model,
+            batch,
+            old - 0.1 * batch.mask,
+            advantages,
+            None,
+            rk.LossConfig.preset("rpg_reinforce"),
+            num_items=None,
+            backend="torch",
+        )
+        loss.backward()
+    assert torch.isfinite(loss)
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    assert recorder.largest < limit, f"{recorder.op} produced {recorder.largest} elements (limit {limit})"
+
+    with LargestAllocation() as recorder:  # the recorder sees logits when they exist
+        model(batch.input_ids, attention_mask=batch.attention_mask).logits.sum()
+    assert recorder.largest >= limit
