@@ -240,11 +240,11 @@ def loss_and_logprob_grads(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend={backend!r}; valid: {', '.join(BACKENDS)}")
-    check_tensor("logprobs", logprobs)
+    check_float_dtype("logprobs", logprobs)
+    check_float_dtype("entropy", entropy)
     leaf_logprobs = logprobs.detach().requires_grad_(True)
     leaf_entropy = None
     if entropy is not None:
-        check_tensor("entropy", entropy)
         leaf_entropy = entropy.detach().requires_grad_(True)
     with torch.enable_grad():
         loss, metrics = rpg_loss(
