@@ -1,0 +1,164 @@
+"""RPGGRPOTrainer: TRL's loss and gradients where both can express it, never logits; trains end to end."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from rpg_kernels import LossConfig  # noqa: E402
+from rpg_kernels.integrations.trl import (  # noqa: E402
+    RPGGRPOConfig,
+    RPGGRPOTrainer,
+    _check_trl_version,
+    loss_config_from_grpo_args,
+)
+
+PROMPTS = ["a b c", "d e", "f g h i", "j", "k l m", "n o", "p q r", "s t u v"]
+
+
+def count_a(completions, **kwargs):
+    """Toy reward: how often the token `a` appears in the completion."""
+    return [float(text.split().count("a")) for text in completions]
+
+
+def _args(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        rpg_backend="torch",
+    )
+    base.update(overrides)
+    return RPGGRPOConfig(**base)
+
+
+def _trainer(model_dir, args):
+    return RPGGRPOTrainer(model=model_dir, reward_funcs=count_a, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+def _first_micro_batch(trainer, seed):
+    """A generated micro-batch with off-policy old (and reference) log-probs and random advantages."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = dict(trainer._prepare_inputs(batch))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        current, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, inputs["completion_ids"].shape[1])
+    shape = current.shape
+    inputs["old_per_token_logps"] = current + 0.3 * torch.randn(shape, generator=gen)
+    inputs["ref_per_token_logps"] = current + 0.3 * torch.randn(shape, generator=gen)
+    inputs["advantages"] = torch.randn(shape[0], generator=gen)
+    assert inputs["completion_mask"].sum() > 0
+    return inputs
+
+
+def _loss_and_grads(compute, trainer, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = compute(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+TRL_CASES = [
+    dict(loss_type="dapo"),
+    dict(loss_type="dapo", epsilon_high=0.28),
+    dict(loss_type="grpo", beta=0.04),
+    dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=False),
+    dict(loss_type="bnpo"),
+    dict(loss_type="dr_grpo", temperature=0.7),
+    dict(loss_type="cispo", epsilon_high=1.2),
+    dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05, epsilon_high=0.08),
+]
+
+
+@pytest.mark.parametrize("case", TRL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_loss_and_grads_match_trl(tiny_model_dir, tmp_path, case):
+    trainer = _trainer(tiny_model_dir, _args(tmp_path, **case))
+    inputs = _first_micro_batch(trainer, seed=len(str(case)))
+    head_calls = []
+    trainer.model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+
+    trl_compute = lambda m, x: GRPOTrainer._compute_loss(trainer, m, x)
+    trl_loss, trl_grads = _loss_and_grads(trl_compute, trainer, inputs)
+    trl_head_calls = len(head_calls)
+    our_loss, our_grads = _loss_and_grads(trainer._compute_loss, trainer, inputs)
+
+    assert len(head_calls) == trl_head_calls, "the RPG loss must not run the LM head module (no logits)"
+    assert trl_loss.abs() > 1e-4, "a vanishing loss would make the comparison meaningless"
+    torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=1e-7)
+    assert our_grads.keys() == trl_grads.keys() and len(our_grads) > 0
+    for name, grad in trl_grads.items():
+        scale = grad.abs().max().clamp(min=1e-12)
+        assert (our_grads[name] - grad).abs().max() <= 1e-5 * scale, name
+    assert "rpg/clip_frac" in trainer._metrics["train"]
+
+
+def test_rpg_trains_without_reference_model(tiny_model_dir, tmp_path):
+    args = _args(tmp_path, loss_type="dapo", rpg_algo="rpg_reinforce", rpg_kl="urkl", beta=1e-3, max_steps=3,
+                 epsilon_high=0.28, num_iterations=2)
+    trainer = _trainer(tiny_model_dir, args)
+    assert trainer.ref_model is None and trainer.beta == 0.0 and args.beta == 1e-3
+    assert trainer.loss_config == LossConfig.preset("rpg_reinforce", kl="urkl", beta=1e-3, eps_low=0.2,
+                                                    eps_high=0.28, clip_c=10.0, agg="token-mean")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "no parameter moved"
+    logged = [entry for entry in trainer.state.log_history if "rpg/kl" in entry]
+    assert len(logged) == 3
+    assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["rpg/kl"]) for entry in logged)
+    assert any(entry["rpg/ratio_max"] != 1.0 for entry in logged), "num_iterations=2 must go off-policy"
+
+
+def test_loss_config_mapping(tmp_path):
+    cfg = loss_config_from_grpo_args(GRPOConfig(output_dir=str(tmp_path), loss_type="grpo", beta=0.02,
+                                                epsilon=0.1, epsilon_high=0.3, report_to="none", use_cpu=True,
+                                                bf16=False))
+    assert cfg == LossConfig.preset("grpo", beta=0.02, eps_low=0.1, eps_high=0.3, kl_estimator="k3_is")
+    cfg = loss_config_from_grpo_args(_args(tmp_path, rpg_algo="rpg", rpg_kl="fkl", rpg_clip_mode="none",
+                                           rpg_clip_c=3.0, beta=1e-4, loss_type="dr_grpo"))
+    assert (cfg.algo, cfg.kl, cfg.clip_mode, cfg.clip_c, cfg.agg) == ("rpg", "fkl", "none", 3.0, "token-mean")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(loss_type="sapo"), "loss_type"),
+        (dict(delta=2.0), "delta"),
+        (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+        (dict(loss_type="cispo", epsilon_high=0.5), "epsilon_high"),
+        (dict(rpg_algo="rpg", importance_sampling_level="sequence"), "importance_sampling_level"),
+        (dict(rpg_algo="rpg", rpg_kl="xkl"), "kl"),
+    ],
+)
+def test_unsupported_settings_raise(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        loss_config_from_grpo_args(_args(tmp_path, **overrides))
+
+
+def test_unsupported_trl_version_raises():
+    _check_trl_version("1.16.3")
+    with pytest.raises(ImportError, match="trl>=1.16,<1.17"):
+        _check_trl_version("1.17.0")
+    with pytest.raises(ImportError, match="found trl 0.19.1"):
+        _check_trl_version("0.19.1")
