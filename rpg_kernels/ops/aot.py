@@ -88,6 +88,22 @@ def ptxas_stats(ptx: str, cc: int) -> tuple[int, int, int, str]:
     return max(regs, default=0), sum(stores), sum(loads), log
 
 
+def signature_of(fn: Any, types: dict[str, str], default: str = "i32") -> dict[str, str]:
+    """Full ``ASTSource`` signature of ``fn``: ``types`` for named arguments, ``"constexpr"`` for
+    ``tl.constexpr`` ones, ``default`` (``"i32"``) for the rest (sizes, strides)."""
+    import triton
+
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    unknown = set(types) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no arguments {sorted(unknown)}")
+    return {
+        name: "constexpr" if param.is_constexpr else types.get(name, default)
+        for name, param in zip(fn.arg_names, fn.params)
+    }
+
+
 def compile_kernel(
     fn: Any,
     signature: dict[str, str],
@@ -96,12 +112,16 @@ def compile_kernel(
     cc: int = 90,
     num_warps: int = 4,
     num_stages: int = 3,
+    divisible_by_16: tuple[str, ...] | None = None,
     run_ptxas: bool = True,
 ) -> CompiledKernel:
     """Compile the ``@triton.jit`` function ``fn`` for ``sm_{cc}`` and return its PTX, cubin and stats.
 
     ``signature`` maps every argument name to a Triton type string (``"*bf16"``, ``"i32"``,
     ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the values of the ``constexpr`` ones.
+    ``divisible_by_16`` names the arguments Triton's launcher would specialise as multiples of 16
+    (it does so at run time for 16-byte aligned pointers and integers that are multiples of 16);
+    default: every pointer, as for PyTorch allocations.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -111,7 +131,10 @@ def compile_kernel(
         raise ValueError(f"cc must be one of {SUPPORTED_CC}, got {cc}")
     while not isinstance(fn, triton.runtime.JITFunction):  # unwrap an Autotuner / Heuristics
         fn = fn.fn
-    src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs or {}))
+    if divisible_by_16 is None:
+        divisible_by_16 = tuple(name for name, ty in signature.items() if ty.startswith("*"))
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs or {}), attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     ptx = compiled.asm["ptx"]

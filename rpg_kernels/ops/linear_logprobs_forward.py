@@ -21,7 +21,7 @@ import triton.language as tl
 from rpg_kernels.ops.tile_configs import launch
 
 # Start value of the running max: finite, so that "m_old - m_new" never gives inf - inf.
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -37,13 +37,15 @@ def logits_tile(
     stride_hn,
     stride_wv,
     inv_temperature,
-    HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """``(h[offs_n] @ W[offs_v].T + b[offs_v]) * inv_temperature`` as a ``[BLOCK_N, BLOCK_V]`` fp32 tile."""
+    """``(h[offs_n] @ W[offs_v].T + b[offs_v]) * inv_temperature`` as a ``[BLOCK_N, BLOCK_V]`` fp32 tile.
+
+    ``bias_ptr`` points to fp32 ``[V]`` (zeros when the model has no bias). fp32 operands use exact
+    (``"ieee"``) products, not TF32; fp16/bf16 operands run on the tensor cores (``wgmma`` on sm_90).
+    """
     mask_n = offs_n < N
     mask_v = offs_v < V
     rows_h = offs_n.to(tl.int64) * stride_hn
@@ -56,11 +58,9 @@ def logits_tile(
         w_mask = mask_v[:, None] & mask_h[None, :]
         h = tl.load(hidden_ptr + rows_h[:, None] + offs_h[None, :], mask=h_mask, other=0.0)
         w = tl.load(weight_ptr + rows_w[:, None] + offs_h[None, :], mask=w_mask, other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-        acc += b[None, :]
-    return acc * inv_temperature
+        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+    b = tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0)
+    return (acc + b[None, :]) * inv_temperature
 
 
 @triton.jit
@@ -80,9 +80,7 @@ def linear_logprobs_forward_kernel(
     stride_wv,
     num_splits,
     inv_temperature,
-    HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -109,7 +107,7 @@ def linear_logprobs_forward_kernel(
         mask_v = offs_v < v_end
         z = logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
-            inv_temperature, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+            inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         z = tl.where(mask_v[None, :], z, float("-inf"))
         target_logit += tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
@@ -131,11 +129,21 @@ def linear_logprobs_forward_kernel(
         tl.store(part_tsum_ptr + out, run_tsum, mask=mask_n)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: fp32 inputs follow ``torch.backends.cuda.matmul.allow_tf32`` (default: exact)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def fp32_bias(bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """The bias as contiguous fp32 ``[V]`` (zeros when None): one kernel variant serves both cases."""
+    if bias is None:
+        return torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    return bias.to(torch.float32).contiguous()
+
+
+def aot_variants(dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")):
+    """Yield ``(family, kernel, types, constexprs)`` for every variant this module launches (tiles aside)."""
+    for dtype in dtypes:
+        for with_entropy in (False, True):
+            types = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": "*fp32",
+                     "targets_ptr": "*i64", "part_max_ptr": "*fp32", "part_sumexp_ptr": "*fp32",
+                     "part_tsum_ptr": "*fp32", "part_target_ptr": "*fp32", "inv_temperature": "fp32"}
+            yield "forward", linear_logprobs_forward_kernel, types, {"WITH_ENTROPY": with_entropy}
 
 
 def num_vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> int:
@@ -196,7 +204,7 @@ def linear_logprobs_forward(
         grid,
         hidden,
         weight,
-        bias if bias is not None else weight,
+        fp32_bias(bias, weight),
         targets,
         part_max,
         part_sumexp,
@@ -210,9 +218,8 @@ def linear_logprobs_forward(
         splits,
         1.0 / temperature,
         device=hidden.device,
-        HAS_BIAS=bias is not None,
+        dtype=hidden.dtype,
         WITH_ENTROPY=with_entropy,
-        DOT_PRECISION=dot_precision(hidden.dtype),
     )
     part_tsum = part[3] if with_entropy else None
     logprob, lse, entropy = combine_partials(part_max, part_sumexp, part_tsum, part_target)

@@ -47,66 +47,89 @@ class TileConfig:
 # Small tiles for the interpreter: fast enough in NumPy, and smaller than the test shapes.
 INTERPRETER = TileConfig(block_n=32, block_v=64, block_h=32, num_warps=4, num_stages=1)
 
-_SM80 = {
-    "forward": (
-        TileConfig(64, 128, 32, num_warps=4, num_stages=3),
-        TileConfig(128, 128, 32, num_warps=8, num_stages=3),
-        TileConfig(128, 64, 64, num_warps=4, num_stages=3),
-    ),
-    "backward_dh": (
-        TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-        TileConfig(64, 128, 64, num_warps=8, num_stages=3),
-    ),
-    "backward_dw": (
-        TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-        TileConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ),
-    "backward_atomic": (
-        TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-        TileConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ),
+# fp16/bf16 operands: tensor-core tiles. Checked spill-free with ptxas for aligned shapes (H, strides
+# multiples of 16, as in every LLM); odd H makes Triton drop its vectorised loads (still correct).
+_TENSOR_CORE = {
+    80: {
+        "forward": (
+            TileConfig(64, 128, 32, num_warps=4, num_stages=3),
+            TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+            TileConfig(64, 256, 64, num_warps=8, num_stages=3),
+        ),
+        "backward_dh": (
+            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+            TileConfig(64, 128, 32, num_warps=8, num_stages=3),
+        ),
+        "backward_dw": (
+            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+            TileConfig(128, 64, 64, num_warps=8, num_stages=3),
+        ),
+        "backward_atomic": (
+            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+            TileConfig(128, 64, 32, num_warps=8, num_stages=3),
+        ),
+    },
+    90: {
+        "forward": (
+            TileConfig(64, 128, 64, num_warps=4, num_stages=3),
+            TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+            TileConfig(64, 256, 64, num_warps=8, num_stages=3),
+        ),
+        "backward_dh": (
+            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+            TileConfig(64, 128, 64, num_warps=8, num_stages=3),
+        ),
+        "backward_dw": (
+            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+            TileConfig(128, 64, 64, num_warps=8, num_stages=3),
+        ),
+        "backward_atomic": (
+            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+            TileConfig(128, 64, 64, num_warps=8, num_stages=3),
+        ),
+    },
 }
 
-_SM90 = {
-    "forward": (
-        TileConfig(64, 128, 64, num_warps=4, num_stages=3),
-        TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-        TileConfig(64, 256, 64, num_warps=8, num_stages=3),
-    ),
-    "backward_dh": (
-        TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-        TileConfig(64, 128, 64, num_warps=8, num_stages=3),
-    ),
-    "backward_dw": (
-        TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-        TileConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ),
-    "backward_atomic": (
-        TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-        TileConfig(128, 64, 64, num_warps=8, num_stages=3),
-    ),
+# fp32 operands: exact ("ieee") products on the CUDA cores, so smaller tiles; one config per kernel.
+# The backward ones spill a few dozen bytes on sm_80 (none on sm_90): fp32 is the slow exact path;
+# bf16/fp16 are the ones tuned.
+_FP32_FORWARD = TileConfig(64, 64, 32, num_warps=4, num_stages=2)
+_FP32_BACKWARD = TileConfig(32, 64, 32, num_warps=4, num_stages=2)
+_FP32 = {
+    cc: {kernel: (_FP32_FORWARD if kernel == "forward" else _FP32_BACKWARD,) for kernel in _TENSOR_CORE[cc]}
+    for cc in _TENSOR_CORE
 }
 
-CONFIGS: dict[int, dict[str, tuple[TileConfig, ...]]] = {80: _SM80, 90: _SM90}
 KERNELS = ("forward", "backward_dh", "backward_dw", "backward_atomic")
+DTYPE_CLASSES = ("tensor_core", "fp32")
 
 
-def configs_for(kernel: str, cc_major: int) -> tuple[TileConfig, ...]:
-    """Autotune set of ``kernel`` for a GPU of compute capability major ``cc_major`` (>= 9 uses sm_90's)."""
+def dtype_class(dtype) -> str:
+    """``"fp32"`` for float32 operands (torch dtype or Triton type string), else ``"tensor_core"``."""
+    return "fp32" if str(dtype) in ("torch.float32", "fp32") else "tensor_core"
+
+
+def configs_for(kernel: str, cc_major: int, dtype_cls: str = "tensor_core") -> tuple[TileConfig, ...]:
+    """Autotune set of ``kernel`` on a GPU of compute capability major ``cc_major`` (>= 9: sm_90's)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return CONFIGS[90 if cc_major >= 9 else 80][kernel]
+    if dtype_cls not in DTYPE_CLASSES:
+        raise ValueError(f"dtype_cls must be one of {DTYPE_CLASSES}, got {dtype_cls!r}")
+    table = _FP32 if dtype_cls == "fp32" else _TENSOR_CORE
+    return table[90 if cc_major >= 9 else 80][kernel]
 
 
-_AUTOTUNED: dict[tuple[int, str, int], object] = {}
+_AUTOTUNED: dict[tuple[int, str, int, str], object] = {}
 
 
-def launch(fn, kernel: str, grid, *args, device=None, reset_to_zero: tuple[str, ...] = (), **kwargs) -> None:
+def launch(
+    fn, kernel: str, grid, *args, device=None, dtype=None, reset_to_zero: tuple[str, ...] = (), **kwargs
+) -> None:
     """Launch the ``@triton.jit`` kernel ``fn`` with ``grid(meta)`` programs.
 
-    Under the interpreter: one fixed ``INTERPRETER`` configuration. On a GPU: ``triton.autotune`` over
-    ``configs_for(kernel, cc)``, keyed on ``V`` and ``H``; ``reset_to_zero`` names the output buffers a
-    kernel accumulates into (they are zeroed before every benchmark run).
+    Under the interpreter: one fixed ``INTERPRETER`` configuration. On a GPU: ``triton.autotune``
+    over ``configs_for(kernel, cc, dtype_class(dtype))``, keyed on ``V`` and ``H``; ``reset_to_zero``
+    names the buffers the kernel accumulates into (zeroed before every benchmark run).
     """
     from rpg_kernels.ops.dispatch import triton_interpreter_enabled
 
@@ -118,10 +141,11 @@ def launch(fn, kernel: str, grid, *args, device=None, reset_to_zero: tuple[str, 
     import triton
 
     cc_major = torch.cuda.get_device_capability(device)[0]
-    cache_key = (id(fn), kernel, cc_major)
+    dtype_cls = dtype_class(dtype)
+    cache_key = (id(fn), kernel, cc_major, dtype_cls)
     tuned = _AUTOTUNED.get(cache_key)
     if tuned is None:
-        configs = [c.triton_config() for c in configs_for(kernel, cc_major)]
+        configs = [c.triton_config() for c in configs_for(kernel, cc_major, dtype_cls)]
         reset = list(reset_to_zero) or None
         tuned = triton.autotune(configs=configs, key=["V", "H"], reset_to_zero=reset)(fn)
         _AUTOTUNED[cache_key] = tuned
