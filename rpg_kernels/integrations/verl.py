@@ -24,12 +24,19 @@ Options read from ``config`` (verl's ``ActorConfig``, a ``DictConfig`` or a plai
   normalisation as verl's ``agg_loss`` (``token-sum`` included).
 
 The KL reference is RPG's iterative one: the old (sampling) policy, so no reference model is needed.
+
+Fused log-probs: with ``actor_rollout_ref.model.use_fused_kernels=True`` and
+``actor_rollout_ref.model.fused_kernel_options.impl_backend=triton`` verl replaces the model's forward by
+one that returns ``log_probs`` and ``entropy`` from the hidden states. `use_rpg_fused_forward_in_verl` (or the
+environment variable ``RPG_KERNELS_VERL_FUSED=1`` in the workers) makes that forward
+`fused_causal_lm_forward`, i.e. ``rpg_kernels.fused_linear_logprobs``, for verl's dense text models.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
@@ -37,6 +44,7 @@ import torch
 from torch import Tensor
 
 from rpg_kernels.config import LossConfig
+from rpg_kernels.integrations.hf import lm_head_params
 from rpg_kernels.loss import rpg_loss
 
 __all__ = [  # noqa: F822 (RPGPolicyLossConfig comes from the module __getattr__: it needs verl)
@@ -45,8 +53,10 @@ __all__ = [  # noqa: F822 (RPGPolicyLossConfig comes from the module __getattr__
     "VERL_AGG_MODES",
     "compute_policy_loss_rpg",
     "compute_policy_loss_rpg_reinforce",
+    "fused_causal_lm_forward",
     "loss_config_from_verl",
     "register_with_verl",
+    "use_rpg_fused_forward_in_verl",
     "verl_aggregation",
 ]
 
@@ -257,4 +267,84 @@ def register_with_verl(name: str | None = None, algo: str = "rpg_reinforce", **o
     return True
 
 
+
+@dataclasses.dataclass
+class FusedCausalLMOutput:
+    """What verl reads from a fused-kernel forward: per-position ``log_probs`` and ``entropy`` ``[B, S]``."""
+
+    log_probs: Tensor
+    entropy: Tensor
+    past_key_values: Any = None
+    hidden_states: Any = None
+    attentions: Any = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def fused_causal_lm_forward(
+    self: torch.nn.Module,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    past_key_values: Any = None,
+    inputs_embeds: Tensor | None = None,
+    labels: Tensor | None = None,
+    use_cache: bool | None = None,
+    output_attentions: bool | None = None,
+    output_hidden_states: bool | None = None,
+    return_dict: bool | None = None,
+    cache_position: Tensor | None = None,
+    logits_to_keep: int | Tensor = 0,
+    temperature: float = 1.0,
+    shift_labels: Tensor | None = None,
+    **unused_kwargs: Any,
+) -> FusedCausalLMOutput:
+    """verl's fused-kernel ``forward`` for a ``*ForCausalLM``, with ``rpg_kernels.fused_linear_logprobs``.
+
+    Position ``s`` of ``log_probs``/``entropy`` ``[B, S]`` scores the next label: ``shift_labels[:, s]`` if
+    given, else ``roll(labels or input_ids, -1)[:, s]`` (the last position wraps around; verl masks it).
+    """
+    import rpg_kernels as rk
+
+    outputs = self.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        cache_position=cache_position,
+    )
+    hidden = outputs[0]
+    if shift_labels is not None:
+        next_labels = shift_labels
+    elif labels is not None or input_ids is not None:
+        next_labels = torch.roll(labels if labels is not None else input_ids, shifts=-1, dims=-1)
+    else:
+        raise ValueError("input_ids: fused_causal_lm_forward needs input_ids, labels or shift_labels")
+    weight, bias = lm_head_params(self)
+    backend = "torch" if hidden.device.type == "cpu" else "auto"
+    log_probs, entropy = rk.fused_linear_logprobs(hidden, weight, next_labels, bias=bias,
+                                                  temperature=temperature, return_entropy=True,
+                                                  backend=backend)
+    return FusedCausalLMOutput(log_probs=log_probs, entropy=entropy,
+                               past_key_values=getattr(outputs, "past_key_values", None),
+                               hidden_states=getattr(outputs, "hidden_states", None),
+                               attentions=getattr(outputs, "attentions", None))
+
+
+def use_rpg_fused_forward_in_verl() -> bool:
+    """Route verl's Triton fused-kernel forward (dense text models) to `fused_causal_lm_forward`.
+
+    Call it in every worker before the model is built (this module calls it on import when
+    ``RPG_KERNELS_VERL_FUSED=1``). Returns ``False`` when verl is not importable.
+    """
+    try:
+        from verl.models.transformers import dense_common
+    except ImportError:
+        return False
+    dense_common.forward_with_triton_backend = fused_causal_lm_forward
+    return True
+
+
 register_with_verl()
+if os.environ.get("RPG_KERNELS_VERL_FUSED", "0") == "1":
+    use_rpg_fused_forward_in_verl()

@@ -146,3 +146,56 @@ def test_through_verl_registry_matches_verl_vanilla():
             (g_ours,) = torch.autograd.grad(ours, logp)
             (g_theirs,) = torch.autograd.grad(theirs, logp)
             torch.testing.assert_close(g_ours, g_theirs, rtol=1e-7, atol=1e-10)
+
+
+def _next_token_reference(model, input_ids, attention_mask, temperature):
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    next_ids = torch.roll(input_ids, shifts=-1, dims=-1)
+    return logp.gather(-1, next_ids[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def test_fused_forward_matches_model_log_softmax(make_tiny_lm):
+    model = make_tiny_lm("qwen2", seed=2)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    with torch.no_grad():
+        expected_logp, expected_entropy = _next_token_reference(model, input_ids, attention_mask, 0.8)
+        out = rk_verl.fused_causal_lm_forward(model, input_ids=input_ids, attention_mask=attention_mask,
+                                              temperature=0.8, return_dict=True)
+    torch.testing.assert_close(out.log_probs, expected_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy, expected_entropy, rtol=1e-5, atol=1e-5)
+    shifted = torch.roll(input_ids, shifts=-1, dims=-1)
+    with torch.no_grad():
+        by_shift = rk_verl.fused_causal_lm_forward(model, input_ids=input_ids, attention_mask=attention_mask,
+                                                   shift_labels=shifted, temperature=0.8)
+    torch.testing.assert_close(by_shift.log_probs, out.log_probs, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_VERL, reason="verl is not installed")
+def test_fused_forward_replaces_verl_triton_backend(make_tiny_lm):
+    from verl.models.transformers import dense_common
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+
+    model = make_tiny_lm("qwen2", seed=4)
+    cls = type(model)
+    original = cls.forward
+    original_triton = dense_common.forward_with_triton_backend
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=gen)
+    try:
+        patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+        with torch.no_grad():
+            verl_out = model(input_ids=input_ids, temperature=0.7, return_dict=True)
+        assert rk_verl.use_rpg_fused_forward_in_verl()
+        patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="triton")
+        assert cls.forward is rk_verl.fused_causal_lm_forward
+        with torch.no_grad():
+            ours = model(input_ids=input_ids, temperature=0.7, return_dict=True)
+    finally:
+        cls.forward = original
+        dense_common.forward_with_triton_backend = original_triton
+    torch.testing.assert_close(ours.log_probs, verl_out.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.entropy, verl_out.entropy, rtol=1e-5, atol=1e-5)
