@@ -40,12 +40,16 @@ __all__ = [
     "TokenLosses",
 ]
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "auto")
 
 
 @dataclass
 class LossInputs:
-    """Validated per-token inputs, ``[B, T]`` in the compute dtype, zeros on masked-out tokens."""
+    """Validated per-token inputs as ``[B, T]`` views (``advantages``: ``[B, 1]`` or ``[B, T]``).
+
+    From `validate_loss_inputs` they keep their dtypes and masked-out garbage; from
+    `prepare_loss_inputs` they are in ``dtype`` (the compute dtype), expanded, zeros where ``~mask``.
+    """
 
     logprobs: Tensor
     old_logprobs: Tensor
@@ -53,6 +57,7 @@ class LossInputs:
     mask: Tensor  # bool
     ref_logprobs: Tensor | None
     entropy: Tensor | None
+    dtype: torch.dtype  # fp64 when any float input is fp64, else fp32
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -61,7 +66,7 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float32
 
 
-def prepare_loss_inputs(
+def validate_loss_inputs(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
@@ -69,7 +74,7 @@ def prepare_loss_inputs(
     ref_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
 ) -> LossInputs:
-    """Check the SPEC §7 conditions and bring every input to ``[B, T]``, compute dtype, sanitised.
+    """Check the SPEC §7 conditions and view every input as ``[B, T]`` (no copies, no casts).
 
     ``logprobs [B, T]`` or flat ``[N]`` (one sequence ``[1, N]``); ``old_logprobs``, ``ref_logprobs``,
     ``mask``, ``entropy`` of the same shape; ``advantages`` ``[B]``, ``[B, 1]`` or ``[B, T]``
@@ -121,15 +126,35 @@ def prepare_loss_inputs(
     check_finite_masked("ref_logprobs", ref_logprobs, keep)
 
     dtype = _compute_dtype(logprobs, old_logprobs, advantages, ref_logprobs, entropy)
+    return LossInputs(logprobs, old_logprobs, advantages, keep, ref_logprobs, entropy, dtype)
 
-    def clean(t: Tensor | None) -> Tensor | None:
-        if t is None:
-            return None
-        t = t.to(dtype).expand(batch, length)
-        return torch.where(keep, t, torch.zeros((), dtype=dtype, device=t.device))
 
+def _clean(t: Tensor | None, keep: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype``, expanded to ``keep``'s shape, 0 where ``~keep`` (before any exp/log)."""
+    if t is None:
+        return None
+    t = t.to(dtype).expand(keep.shape)
+    return torch.where(keep, t, torch.zeros((), dtype=dtype, device=t.device))
+
+
+def prepare_loss_inputs(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
+) -> LossInputs:
+    """`validate_loss_inputs`, then every tensor in the compute dtype, ``[B, T]``, zeros where masked out."""
+    raw = validate_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy)
+    keep, dtype = raw.mask, raw.dtype
+    tensors = (raw.logprobs, raw.old_logprobs, raw.advantages)
     return LossInputs(
-        clean(logprobs), clean(old_logprobs), clean(advantages), keep, clean(ref_logprobs), clean(entropy)
+        *(_clean(t, keep, dtype) for t in tensors),
+        keep,
+        _clean(raw.ref_logprobs, keep, dtype),
+        _clean(raw.entropy, keep, dtype),
+        dtype,
     )
 
 
@@ -234,14 +259,26 @@ def loss_and_logprob_grads(
 ) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
     """`rpg_loss`'s value and its gradients w.r.t. ``logprobs`` and ``entropy`` (for the fused kernels).
 
-    Returns ``(loss, grad_logprobs, grad_entropy, metrics)``: ``loss`` detached 0-d;
-    ``grad_logprobs`` shaped and typed like ``logprobs``; ``grad_entropy`` like ``entropy`` or
-    ``None``. Inputs need not require grad. ``backend``: ``"torch"`` (autograd) or ``"triton"``.
+    Returns ``(loss, grad_logprobs, grad_entropy, metrics)``: ``loss`` detached 0-d (compute dtype);
+    ``grad_logprobs`` shaped and typed like ``logprobs``; ``grad_entropy`` like ``entropy`` or ``None``.
+    Inputs need not require grad. ``backend``: ``"torch"`` (autograd through `rpg_loss`), ``"triton"``
+    (the per-token epilogue kernel `rpg_kernels.ops.token_loss_epilogue` for every algo but ``gspo``,
+    which stays on autograd), or ``"auto"`` (`rpg_kernels.ops.dispatch.resolve_backend`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend={backend!r}; valid: {', '.join(BACKENDS)}")
     check_float_dtype("logprobs", logprobs)
     check_float_dtype("entropy", entropy)
+    config = LossConfig() if config is None else config
+    if backend != "torch":
+        from rpg_kernels.ops.dispatch import resolve_backend
+
+        backend = resolve_backend(backend, logprobs.device)
+    if backend == "triton" and isinstance(config, LossConfig) and config.algo != "gspo":
+        return _epilogue_loss_and_grads(
+            logprobs, old_logprobs, advantages, mask, ref_logprobs, config, num_items, entropy, entropy_coef
+        )
+
     leaf_logprobs = logprobs.detach().requires_grad_(True)
     leaf_entropy = None
     if entropy is not None:
@@ -263,3 +300,37 @@ def loss_and_logprob_grads(
     grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
     grad_entropy = grads[1] if leaf_entropy is not None else None
     return loss.detach(), grads[0], grad_entropy, metrics
+
+
+def _epilogue_loss_and_grads(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logprobs: Tensor | None,
+    config: LossConfig,
+    num_items: float | int | Tensor | None,
+    entropy: Tensor | None,
+    entropy_coef: float,
+) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+    """The ``backend="triton"`` path: per-token L and weight * dL/dl from the Triton epilogue kernel."""
+    from rpg_kernels.ops.token_loss_epilogue import ZONE_DUAL, ZONE_HIGH, ZONE_LOW, token_loss_epilogue
+
+    check_num_items(num_items)
+    raw = validate_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy)
+    weights = aggregation_weights(raw.mask, config.agg, num_items, dtype=raw.dtype)
+    out = token_loss_epilogue(
+        raw.logprobs, raw.old_logprobs, raw.advantages, raw.mask, weights, config, raw.ref_logprobs
+    )
+    loss = (out.loss * weights).sum()
+    grad_entropy = clean_entropy = None
+    if entropy is not None:
+        clean_entropy = _clean(raw.entropy, raw.mask, raw.dtype)
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * (clean_entropy * weights).sum()
+        grad_entropy = (-entropy_coef * weights).to(entropy.dtype).reshape(entropy.shape)
+    zone = out.zone
+    metrics = loss_metrics(
+        raw.mask, out.kl, out.ratio, zone == ZONE_LOW, zone == ZONE_HIGH, zone == ZONE_DUAL, clean_entropy
+    )
+    return loss, out.grad.to(logprobs.dtype).reshape(logprobs.shape), grad_entropy, metrics

@@ -6,39 +6,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from loss_reference import gspo_loss_and_grad, value_and_grad
+from loss_reference import gspo_loss_and_grad, make_inputs, value_and_grad
 
 from rpg_kernels import LossConfig, rpg_loss
 from rpg_kernels.config import KL_ESTIMATORS, KLS
 from rpg_kernels.loss import loss_and_logprob_grads
 from rpg_kernels.loss.token_losses import token_losses
-
-# Ratio centres away from every clip boundary (0.72, 0.8, 1.2, 1.28, c = 3 or 10): each zone is hit.
-RATIO_CENTRES = np.array([0.3, 0.6, 0.76, 0.9, 1.1, 1.24, 1.6, 5.0, 15.0, 40.0])
-
-
-def make_inputs(seed: int, batch: int, length: int, with_ref: bool, garbage: bool = True):
-    """Fresh random float64 inputs covering all clip zones and A > 0, A < 0, A = 0."""
-    gen = np.random.default_rng(seed)
-    shape = (batch, length)
-    lp = -gen.uniform(0.05, 4.0, shape)
-    log_ratio = np.log(gen.choice(RATIO_CENTRES, shape)) + 0.005 * gen.standard_normal(shape)
-    lo = lp - log_ratio
-    lref = lo + 0.7 * gen.standard_normal(shape) if with_ref else None
-    a = gen.choice([-2.0, -0.5, 0.0, 0.7, 1.5], shape) * gen.uniform(0.5, 1.5, shape)
-    mask = gen.uniform(size=shape) < 0.75
-    mask[0, 0] = True
-    if batch > 2:  # one sequence with a single token, one with none
-        mask[1] = False
-        mask[1, length // 2] = True
-        mask[2] = False
-    t = {k: None if v is None else torch.tensor(v) for k, v in dict(lp=lp, lo=lo, lref=lref, a=a).items()}
-    t["mask"] = torch.tensor(mask)
-    if garbage:  # masked-out tokens may hold anything
-        for key in ("lp", "lo", "lref", "a"):
-            if t[key] is not None:
-                t[key] = t[key].masked_fill(~t["mask"], float("nan"))
-    return (lp, lo, lref, a, mask), t
 
 
 def config_cases():

@@ -1,0 +1,282 @@
+"""Triton per-token loss epilogue: L, dL/dl and the clip zone of every token in one elementwise pass.
+
+For the token-level algos (all but ``gspo``, whose sequence ratio couples tokens) the kernel reads
+``l, l_old, [l_ref], A, mask, weight`` and writes, per token (SPEC §2-3, notation of §1):
+
+- ``loss``: ``L`` (0 on masked-out tokens), to be summed as ``sum(L * weight)``;
+- ``grad``: ``weight * dL/dl``, the gradient of the aggregated loss w.r.t. ``l``;
+- ``zone``: int8 clip-zone code, `ZONE_NONE` / `ZONE_LOW` / `ZONE_HIGH` / `ZONE_DUAL`
+  (same definitions as `rpg_kernels.loss.token_losses`);
+- ``kl``: the KL term's value without beta (Omega, or the estimator; k3 when none) and ``ratio`` (w).
+
+Masked-out tokens may hold garbage: every input is replaced by 0 there before any exp/log.
+Arithmetic runs in ``COMPUTE`` (fp32, or fp64 when an input is fp64), whatever the input dtypes.
+The config's scalars come in a small tensor of that dtype, so fp64 runs see exact fp64 constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from rpg_kernels.config import LossConfig
+
+ALGO_RPG, ALGO_RPG_REINFORCE, ALGO_PPO, ALGO_CISPO = 0, 1, 2, 3
+# grpo, dapo, dr_grpo and reinforce_pp share the PPO-style token loss; they differ in presets only.
+ALGO_CODES = {"rpg": ALGO_RPG, "rpg_reinforce": ALGO_RPG_REINFORCE, "grpo": ALGO_PPO, "dapo": ALGO_PPO,
+              "dr_grpo": ALGO_PPO, "reinforce_pp": ALGO_PPO, "cispo": ALGO_CISPO}  # fmt: skip
+KL_CODES = {"fkl": 0, "rkl": 1, "ufkl": 2, "urkl": 3}
+ESTIMATOR_CODES = {None: -1, "k1": 0, "k2": 1, "k3": 2, "k3_is": 3}
+CLIP_CODES = {"none": 0, "truncate": 1, "dual": 2}
+ZONE_NONE, ZONE_LOW, ZONE_HIGH, ZONE_DUAL = 0, 1, 2, 3
+DEFAULT_BLOCK = 1024
+NUM_WARPS = 8  # 4 tokens per thread: 16-byte fp32 loads, no register spills for any algo (ptxas)
+
+
+@triton.jit
+def _regulariser(w, log_rho, kappa, KL: tl.constexpr):
+    """Omega and dOmega/dl of SPEC §2 (KL: 0 fkl, 1 rkl, 2 ufkl, 3 urkl)."""
+    if KL == 0:
+        omega = -kappa * log_rho
+        d_omega = -kappa
+    elif KL == 1:
+        omega = w * log_rho
+        d_omega = w * (log_rho + 1.0)
+    elif KL == 2:
+        omega = w - kappa - kappa * log_rho
+        d_omega = w - kappa
+    else:
+        omega = w * log_rho - w + kappa
+        d_omega = w * log_rho
+    return omega, d_omega
+
+
+@triton.jit
+def _estimator(w, log_rho, KL: tl.constexpr):
+    """The baselines' estimators on rho and their d/dl (KL: 0 k1, 1 k2, 2 k3, 3 k3_is)."""
+    if KL == 0:
+        value = log_rho
+        d_value = log_rho * 0.0 + 1.0
+    elif KL == 1:
+        value = 0.5 * log_rho * log_rho
+        d_value = log_rho
+    else:
+        inv_rho = tl.exp(-log_rho)
+        value = inv_rho - 1.0 + log_rho
+        d_value = 1.0 - inv_rho
+        if KL == 3:
+            d_value = w * value + w * d_value
+            value = w * value
+    return value, d_value
+
+
+@triton.jit
+def _clamp_kl(value, d_value, kl_clamp):
+    """Clamp the KL term's value to [-kl_clamp, kl_clamp] (inf: no clamp); the gradient is 0 outside."""
+    inside = tl.abs(value) <= kl_clamp
+    return tl.minimum(tl.maximum(value, -kl_clamp), kl_clamp), tl.where(inside, d_value, 0.0)
+
+
+@triton.jit
+def _dual_clip(ratio, adv, low_bound, high_bound, clip_c):
+    """DC(w, A) of SPEC §3, its derivative in w, and the zone code."""
+    high = (adv > 0) & (ratio > high_bound)
+    low = (adv < 0) & (ratio < low_bound)
+    dual = (adv < 0) & (ratio > clip_c)
+    value = tl.where(
+        high, -adv * high_bound, tl.where(low, -adv * low_bound, tl.where(dual, -adv * clip_c, -adv * ratio))
+    )
+    d_value = tl.where(high | low | dual, 0.0, -adv)
+    zone = tl.where(high, 2, tl.where(low, 1, tl.where(dual, 3, 0)))
+    return value, d_value, zone
+
+
+@triton.jit
+def token_loss_epilogue_kernel(
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    mask_ptr,
+    weight_ptr,
+    params_ptr,
+    loss_ptr,
+    grad_ptr,
+    zone_ptr,
+    kl_ptr,
+    ratio_ptr,
+    n_tokens,
+    adv_div,
+    ALGO: tl.constexpr,
+    KL: tl.constexpr,
+    CLIP_MODE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per ``BLOCK`` tokens. ``adv_div``: 1 for per-token advantages, ``T`` for ``[B]`` ones.
+
+    ``params``: ``[beta, 1 - eps_low, 1 + eps_high, clip_c, kl_clamp]`` in ``COMPUTE``. ``KL`` is the
+    divergence for ALGO rpg/rpg_reinforce and the estimator (-1: none) for the others.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n_tokens
+    keep = (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0) & in_range
+
+    beta = tl.load(params_ptr + 0)
+    low_bound = tl.load(params_ptr + 1)
+    high_bound = tl.load(params_ptr + 2)
+    clip_c = tl.load(params_ptr + 3)
+    kl_clamp = tl.load(params_ptr + 4)
+
+    # masked-out tokens are not read (other=0), so garbage there never reaches exp/log
+    lp = tl.load(logp_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    old = tl.load(old_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    adv = tl.load(adv_ptr + offs // adv_div, mask=keep, other=0.0).to(COMPUTE)
+    weight = tl.load(weight_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    # without a reference the wrapper passes ref_ptr = old_ptr: then log_rho == log_ratio and
+    # kappa == exp(0) == 1 exactly, at the price of re-reading cached memory
+    ref = tl.load(ref_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    log_ratio = lp - old
+    w = tl.exp(log_ratio)
+    log_rho = lp - ref
+    kappa = tl.exp(ref - old)
+    zone = tl.zeros([BLOCK], dtype=tl.int32)
+
+    if ALGO == 0:  # rpg: DC(w, A) + beta * Omega
+        omega, d_omega = _regulariser(w, log_rho, kappa, KL)
+        kl, d_kl = _clamp_kl(omega, d_omega, kl_clamp)
+        if CLIP_MODE == 0:
+            policy = -adv * w
+            d_policy = -adv * w
+        else:
+            policy, d_policy_dw, zone = _dual_clip(w, adv, low_bound, high_bound, clip_c)
+            d_policy = d_policy_dw * w
+        loss = policy + beta * kl
+        grad = d_policy + beta * d_kl
+    elif ALGO == 1:  # rpg_reinforce: -SG(w A + C(w)) l, C = -beta dOmega/dl
+        if CLIP_MODE == 1:  # truncate: w -> clip(w), log(rho) shifted to match
+            zone = tl.where(w < low_bound, 1, tl.where(w > high_bound, 2, 0))
+            w_c = tl.minimum(tl.maximum(w, low_bound), high_bound)
+            log_rho = log_rho + tl.log(w_c) - log_ratio
+        else:
+            w_c = w
+        omega, d_omega = _regulariser(w_c, log_rho, kappa, KL)
+        kl, d_kl = _clamp_kl(omega, d_omega, kl_clamp)
+        coef_kl = -beta * d_kl
+        coef = w_c * adv + coef_kl
+        grad = -coef
+        if CLIP_MODE == 2:  # dual: branch on the sign of A' = A + C(w)/w
+            positive = adv + coef_kl / w >= 0
+            high = positive & (w >= high_bound)
+            low = (~positive) & (w <= low_bound)
+            dual = (~positive) & (w >= clip_c)
+            w_star = tl.where(high, high_bound, tl.where(low, low_bound, clip_c))
+            flows = ~(high | low | dual)
+            coef = tl.where(flows, coef, w_star * adv + coef_kl)
+            grad = tl.where(flows, -coef, 0.0)
+            zone = tl.where(high, 2, tl.where(low, 1, tl.where(dual, 3, 0)))
+        loss = -coef * lp
+    else:  # the baselines: PPO-style (or CISPO) policy term + beta * estimator
+        if KL >= 0:
+            estimate, d_estimate = _estimator(w, log_rho, KL)
+            kl, d_kl = _clamp_kl(estimate, d_estimate, kl_clamp)
+            kl_loss = beta * kl
+            d_kl_loss = beta * d_kl
+        else:
+            kl, _ = _estimator(w, log_rho, 2)  # monitored only
+            kl_loss = 0.0
+            d_kl_loss = 0.0
+        if ALGO == 3:  # cispo: -SG(clip(w, 0, 1 + eps_high)) A l
+            if CLIP_MODE == 2:
+                zone = tl.where(w > high_bound, 2, 0)
+                w_c = tl.minimum(w, high_bound)
+            else:
+                w_c = w
+            loss = -w_c * adv * lp + kl_loss
+            grad = -w_c * adv + d_kl_loss
+        else:
+            if CLIP_MODE == 0:
+                policy = -adv * w
+                d_policy = -adv * w
+            else:
+                policy, d_policy_dw, zone = _dual_clip(w, adv, low_bound, high_bound, clip_c)
+                d_policy = d_policy_dw * w
+            loss = policy + kl_loss
+            grad = d_policy + d_kl_loss
+
+    tl.store(loss_ptr + offs, tl.where(keep, loss, 0.0), mask=in_range)
+    tl.store(grad_ptr + offs, tl.where(keep, grad * weight, 0.0), mask=in_range)
+    tl.store(zone_ptr + offs, tl.where(keep, zone, 0).to(tl.int8), mask=in_range)
+    tl.store(kl_ptr + offs, tl.where(keep, kl, 0.0), mask=in_range)
+    tl.store(ratio_ptr + offs, tl.where(keep, w, 0.0), mask=in_range)
+
+
+@dataclass
+class EpilogueOutputs:
+    """Per-token outputs, shaped like the inputs' ``[B, T]``; ``zone`` int8, the rest in the compute dtype."""
+
+    loss: torch.Tensor
+    grad: torch.Tensor
+    zone: torch.Tensor
+    kl: torch.Tensor
+    ratio: torch.Tensor
+
+
+def kernel_constexprs(config: LossConfig, compute_dtype: torch.dtype) -> dict:
+    """The kernel's constexpr arguments (except ``BLOCK``) for ``config``."""
+    if config.algo not in ALGO_CODES:
+        raise ValueError(f"the token loss epilogue does not handle algo={config.algo!r} (sequence-level)")
+    kl = KL_CODES[config.kl] if config.is_rpg else ESTIMATOR_CODES[config.kl_estimator]
+    compute = tl.float64 if compute_dtype == torch.float64 else tl.float32
+    return dict(ALGO=ALGO_CODES[config.algo], KL=kl, CLIP_MODE=CLIP_CODES[config.clip_mode], COMPUTE=compute)
+
+
+def token_loss_epilogue(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    config: LossConfig,
+    ref_logprobs: torch.Tensor | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> EpilogueOutputs:
+    """Launch the epilogue on ``[B, T]`` inputs (validated by the caller; masked-out entries may be garbage).
+
+    ``advantages``: ``[B, 1]`` or ``[B, T]``; ``mask``: bool ``[B, T]``; ``weights``: aggregation weights
+    ``[B, T]`` in the compute dtype (fp64 when any input is fp64, else fp32), 0 on masked-out tokens.
+    """
+    batch, length = logprobs.shape
+    compute_dtype = weights.dtype
+    device = logprobs.device
+    per_sequence = advantages.shape[-1] == 1 and length != 1
+    kl_clamp = float("inf") if config.kl_clamp is None else config.kl_clamp
+    params = torch.tensor([config.beta, 1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_c, kl_clamp],
+                          dtype=torch.float64).to(device=device, dtype=compute_dtype)  # fmt: skip
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view(-1)
+
+    n_tokens = batch * length
+    outputs = EpilogueOutputs(
+        loss=torch.empty(n_tokens, dtype=compute_dtype, device=device),
+        grad=torch.empty(n_tokens, dtype=compute_dtype, device=device),
+        zone=torch.empty(n_tokens, dtype=torch.int8, device=device),
+        kl=torch.empty(n_tokens, dtype=compute_dtype, device=device),
+        ratio=torch.empty(n_tokens, dtype=compute_dtype, device=device),
+    )
+    if n_tokens > 0:
+        old = flat(old_logprobs)
+        grid = (triton.cdiv(n_tokens, block),)
+        token_loss_epilogue_kernel[grid](
+            flat(logprobs), old, old if ref_logprobs is None else flat(ref_logprobs),
+            flat(advantages.reshape(batch, -1)), flat(mask.to(torch.bool)).view(torch.int8),
+            flat(weights), params, outputs.loss, outputs.grad, outputs.zone, outputs.kl, outputs.ratio,
+            n_tokens, length if per_sequence else 1,
+            **kernel_constexprs(config, compute_dtype), BLOCK=block, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return EpilogueOutputs(*(t.view(batch, length) for t in vars(outputs).values()))

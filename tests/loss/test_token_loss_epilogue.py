@@ -1,0 +1,229 @@
+"""The Triton per-token loss epilogue against the PyTorch path (interpreter on CPU), and its
+ahead-of-time compilation for sm_80 / sm_90."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from loss_reference import make_inputs, value_and_grad
+
+from rpg_kernels import LossConfig
+from rpg_kernels.config import KL_ESTIMATORS, KLS
+from rpg_kernels.loss import loss_and_logprob_grads
+from rpg_kernels.loss.aggregation import aggregation_weights
+from rpg_kernels.loss.token_losses import token_losses
+
+triton = pytest.importorskip("triton")
+epilogue = pytest.importorskip("rpg_kernels.ops.token_loss_epilogue")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "ratio_max")
+
+
+def token_level_cases():
+    """Every token-level algo x kl (or estimator) x clip mode."""
+    cases = [("rpg", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "dual")]
+    cases += [("rpg_reinforce", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "truncate", "dual")]
+    for algo in ("grpo", "cispo"):
+        for est, mode in itertools.product((None,) + KL_ESTIMATORS, ("none", "dual")):
+            cases.append((algo, dict(kl_estimator=est, clip_mode=mode)))
+    cases += [(algo, {}) for algo in ("dapo", "dr_grpo", "reinforce_pp")]
+    return cases
+
+
+def case_id(case):
+    algo, overrides = case
+    return "-".join([algo] + [str(v) for v in overrides.values()])
+
+
+def to_device(t):
+    return {k: None if v is None else v.to(DEVICE) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("case", token_level_cases(), ids=case_id)
+def test_triton_backend_equals_torch_backend(case):
+    algo, overrides = case
+    seed = zlib.crc32(case_id(case).encode())
+    beta = 0.3 if overrides.get("kl_estimator") or algo.startswith("rpg") else 0.0
+    clip_c = {"grpo": 3.0}.get(algo)  # exercise the baselines' dual clip too
+    extra = {} if clip_c is None else dict(clip_c=clip_c)
+    cfg = LossConfig.preset(algo, beta=beta, **overrides, **extra)
+    for dtype, with_ref, (batch, length) in [
+        (torch.float64, True, (4, 37)),
+        (torch.float64, False, (3, 5)),
+        (torch.float32, True, (5, 29)),
+        (torch.float32, False, (1, 1)),
+    ]:
+        _, t = make_inputs(seed, batch, length, with_ref=with_ref)
+        t = {k: v if v is None or k == "mask" else v.to(dtype) for k, v in to_device(t).items()}
+        args = (t["lp"], t["lo"], t["a"], t["mask"], t["lref"], cfg)
+        expected = loss_and_logprob_grads(*args, backend="torch")
+        got = loss_and_logprob_grads(*args, backend="triton")
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(got[0], expected[0], **tol)
+        torch.testing.assert_close(got[1], expected[1], **tol)
+        assert got[1].dtype == dtype and got[1].shape == t["lp"].shape and got[2] is None
+        for key in METRICS:
+            torch.testing.assert_close(got[3][key], expected[3][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("block", [16, 128])
+@pytest.mark.parametrize(
+    "algo_mode",
+    [
+        ("rpg", "dual"),
+        ("rpg_reinforce", "dual"),
+        ("rpg_reinforce", "truncate"),
+        ("grpo", "dual"),
+        ("cispo", "dual"),
+    ],
+)
+def test_per_token_outputs_and_zone_codes(algo_mode, block):
+    """The kernel's per-token L, grad, zone codes, kl and ratio, over shapes that leave partial blocks."""
+    algo, mode = algo_mode
+    kl = dict(kl="rkl") if algo.startswith("rpg") else dict(kl_estimator="k3", clip_c=3.0)
+    cfg = LossConfig.preset(algo, clip_mode=mode, beta=0.2, **kl)
+    for batch, length in [(1, 1), (1, block), (2, block + 1), (3, 2 * block - 5)]:
+        _, t = make_inputs(batch * 100 + length, batch, length, with_ref=True)
+        t = to_device(t)
+        weights = aggregation_weights(t["mask"], "seq-mean-token-sum", dtype=torch.float64)
+        out = epilogue.token_loss_epilogue(
+            t["lp"], t["lo"], t["a"], t["mask"], weights, cfg, t["lref"], block=block
+        )
+        keep = t["mask"]
+        clean = [torch.where(keep, t[k], 0.0) for k in ("lp", "lo", "a", "lref")]
+        x = clean[0].clone().requires_grad_(True)
+        ref = token_losses(x, clean[1], clean[2], keep, clean[3], cfg)
+        (grad,) = torch.autograd.grad((ref.loss * weights).sum(), x)
+        torch.testing.assert_close(
+            out.loss, torch.where(keep, ref.loss.detach(), 0.0), rtol=1e-12, atol=1e-14
+        )
+        torch.testing.assert_close(out.grad, grad, rtol=1e-12, atol=1e-14)
+        zone = torch.zeros_like(keep, dtype=torch.int8)
+        for code, flags in ((1, ref.clip_low), (2, ref.clip_high), (3, ref.clip_dual)):
+            zone = torch.where(flags & keep, code, zone)
+        assert out.zone.dtype == torch.int8 and torch.equal(out.zone, zone)
+        torch.testing.assert_close(out.kl, torch.where(keep, ref.kl, 0.0), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out.ratio, torch.where(keep, ref.ratio, 0.0), rtol=1e-12, atol=1e-14)
+        assert torch.isfinite(out.loss).all() and torch.isfinite(out.grad).all()
+
+
+def test_zone_codes_cover_every_zone():
+    """Guard: the inputs above visit the low, high and dual zones (codes 1, 2, 3)."""
+    cfg = LossConfig.preset("rpg_reinforce", kl="urkl")
+    _, t = make_inputs(5, 6, 40, with_ref=False)
+    weights = aggregation_weights(t["mask"], "token-mean", dtype=torch.float64)
+    out = epilogue.token_loss_epilogue(t["lp"], t["lo"], t["a"], t["mask"], weights, cfg, block=64)
+    assert set(out.zone[t["mask"]].tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("kl_clamp", [0.05, 1.0])
+@pytest.mark.parametrize("algo", ["rpg", "rpg_reinforce", "grpo"])
+def test_kl_clamp_against_reference(algo, kl_clamp):
+    extra = dict(kl="urkl") if algo.startswith("rpg") else dict(kl_estimator="k3_is")
+    cfg = LossConfig.preset(algo, beta=0.5, kl_clamp=kl_clamp, agg="token-mean", **extra)
+    (lp, lo, lref, a, mask), t = make_inputs(31, 4, 23, with_ref=True)
+    value, grad, _, _ = loss_and_logprob_grads(
+        t["lp"], t["lo"], t["a"], t["mask"], t["lref"], cfg, backend="triton"
+    )
+    as_dict = {
+        f: getattr(cfg, f) for f in ("algo", "kl", "kl_estimator", "beta", "eps_low", "eps_high", "clip_c")
+    }
+    as_dict.update(clip_mode=cfg.clip_mode, kl_clamp=kl_clamp)
+    values, grads = value_and_grad(as_dict, lp, lo, lref, a)
+    n = mask.sum()
+    np.testing.assert_allclose(value.item(), values[mask].sum() / n, rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), np.where(mask, grads, 0.0) / n, rtol=1e-11, atol=1e-14)
+
+
+def test_mixed_dtypes_entropy_num_items_and_sequence_advantages():
+    """bf16 log-probs with fp32 old/ref, [B] advantages, entropy bonus, a global num_items."""
+    _, t = make_inputs(41, 5, 33, with_ref=True)
+    cfg = LossConfig.preset("rpg_reinforce", agg="seq-mean-token-mean")
+    entropy = torch.rand(5, 33).masked_fill(~t["mask"], float("nan"))
+    args = (t["lp"].to(torch.bfloat16), t["lo"].float(), t["a"][:, 0].nan_to_num().float(), t["mask"],
+            t["lref"].float(), cfg, 7)  # fmt: skip
+    kwargs = dict(entropy=entropy, entropy_coef=0.03)
+    expected = loss_and_logprob_grads(*args, **kwargs, backend="torch")
+    got = loss_and_logprob_grads(*args, **kwargs, backend="triton")
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-6, atol=1e-9)
+    for key in METRICS + ("entropy",):
+        torch.testing.assert_close(got[3][key], expected[3][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_all_zero_mask_and_gspo_fallback():
+    _, t = make_inputs(43, 3, 9, with_ref=True)
+    zero = torch.zeros_like(t["mask"])
+    for algo in ("rpg", "rpg_reinforce", "grpo", "cispo", "gspo"):
+        value, grad, _, metrics = loss_and_logprob_grads(
+            t["lp"], t["lo"], t["a"], zero, t["lref"], LossConfig.preset(algo), backend="triton"
+        )
+        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+        assert all(float(v) == 0.0 for v in metrics.values())
+    gspo = LossConfig.preset("gspo")
+    args = (t["lp"], t["lo"], t["a"], t["mask"], t["lref"], gspo)
+    torch.testing.assert_close(loss_and_logprob_grads(*args, backend="triton")[1],
+                               loss_and_logprob_grads(*args, backend="torch")[1], rtol=0, atol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="algo"):
+        epilogue.kernel_constexprs(gspo, torch.float32)
+
+
+# ---- ahead-of-time compilation for real GPUs (no GPU needed) ----
+# `triton.jit` returns interpreter objects when TRITON_INTERPRET=1 (set by the tests' conftest on CPU
+# machines), so the compilation runs in a subprocess without it: tests/loss/epilogue_aot_worker.py.
+
+WORKER = Path(__file__).with_name("epilogue_aot_worker.py")
+
+
+def run_workers(*args: str, timeout: float) -> dict[int, list[dict]]:
+    """Run the worker for sm_80 and sm_90 side by side; their JSON results by compute capability."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {
+        cc: subprocess.Popen(
+            [sys.executable, str(WORKER), str(cc), *args],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for cc in (80, 90)
+    }
+    results = {}
+    for cc, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, stderr[-4000:]
+        results[cc] = json.loads(stdout.strip().splitlines()[-1])
+    return results
+
+
+def check_results(results: list[dict], cc: int) -> None:
+    assert results
+    for r in results:
+        assert r["cubin_bytes"] > 0 and r["has_entry"] and r["target"].startswith(f"sm_{cc}"), r
+        assert r["spill_bytes"] in (0, None), r
+    seen = [tuple(r["constexprs"][k] for k in ("ALGO", "KL", "CLIP_MODE", "COMPUTE")) for r in results]
+    assert {s[0] for s in seen} == {0, 1, 2, 3} and {s[1] for s in seen} == {-1, 0, 1, 2, 3}
+    assert {s[2] for s in seen} == {0, 1, 2} and {s[3] for s in seen} == {"fp32", "fp64"}
+
+
+def test_aot_compiles_covering_set():
+    """A few launches per architecture in which every ALGO x CLIP_MODE pair, every KL code and both
+    compute dtypes appear; registers/spills read with ptxas."""
+    for cc, results in run_workers(timeout=600).items():
+        check_results(results, cc)
+
+
+@pytest.mark.slow
+def test_aot_compiles_every_constexpr_combination():
+    for cc, results in run_workers("--all", timeout=1800).items():
+        assert len(results) == 80  # 40 (ALGO, KL, CLIP_MODE) x 2 compute dtypes
+        check_results(results, cc)
