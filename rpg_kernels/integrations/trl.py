@@ -143,6 +143,10 @@ def loss_config_from_grpo_args(args: GRPOConfig) -> LossConfig:
     Raises ``ValueError`` naming the TRL option when the combination has no equivalent.
     """
     _check_supported(args)
+    reference_mode(args)
+    backend = _rpg_option(args, "rpg_backend", "auto")
+    if backend not in _BACKENDS:
+        raise ValueError(f"rpg_backend: expected one of {_BACKENDS}, got {backend!r}")
     algo = _rpg_option(args, "rpg_algo", None)
     sequence_level = args.importance_sampling_level == "sequence"
     eps_low = args.epsilon
@@ -178,6 +182,12 @@ def loss_config_from_grpo_args(args: GRPOConfig) -> LossConfig:
     else:
         estimator = _rpg_option(args, "rpg_kl_estimator", None)
         if estimator is None and args.beta != 0.0:
+            if args.use_bias_correction_kl and sequence_level:
+                raise ValueError(
+                    "use_bias_correction_kl: with importance_sampling_level='sequence' TRL weights the KL "
+                    "by the sequence ratio, our k3_is by the token ratio; set use_bias_correction_kl=False "
+                    "(k3) or rpg_kl_estimator='k3_is' (token-weighted)"
+                )
             estimator = "k3_is" if args.use_bias_correction_kl else "k3"
         overrides.update(kl_estimator=estimator, clip_c=float("inf") if clip_c is None else clip_c)
     return LossConfig.preset(algo, **overrides)
@@ -197,10 +207,7 @@ class RPGGRPOTrainer(GRPOTrainer):
             raise ValueError("args: pass an RPGGRPOConfig (or a GRPOConfig) explicitly")
         self.loss_config = loss_config_from_grpo_args(args)
         self.rpg_reference = reference_mode(args)
-        backend = _rpg_option(args, "rpg_backend", "auto")
-        if backend not in _BACKENDS:
-            raise ValueError(f"rpg_backend: expected one of {_BACKENDS}, got {backend!r}")
-        self.rpg_backend = backend
+        self.rpg_backend = _rpg_option(args, "rpg_backend", "auto")
         # RPG's iterative reference is the sampler: keep TRL from loading (and running) a reference model.
         beta = args.beta
         if self.rpg_reference == "old":

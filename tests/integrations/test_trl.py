@@ -88,6 +88,9 @@ TRL_CASES = [
     dict(loss_type="dr_grpo", temperature=0.7),
     dict(loss_type="cispo", epsilon_high=1.2),
     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05, epsilon_high=0.08),
+    dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05, epsilon_high=0.08, beta=0.04,
+         use_bias_correction_kl=False),
+    dict(loss_type="dapo", beta=0.04, rpg_reference="model"),
 ]
 
 
@@ -149,6 +152,8 @@ def test_loss_config_mapping(tmp_path):
         (dict(loss_type="cispo", epsilon_high=0.5), "epsilon_high"),
         (dict(rpg_algo="rpg", importance_sampling_level="sequence"), "importance_sampling_level"),
         (dict(rpg_algo="rpg", rpg_kl="xkl"), "kl"),
+        (dict(importance_sampling_level="sequence", beta=0.1), "use_bias_correction_kl"),
+        (dict(rpg_reference="ref"), "rpg_reference"),
     ],
 )
 def test_unsupported_settings_raise(tmp_path, overrides, match):
