@@ -114,3 +114,29 @@ def test_bad_inputs_raise(make_tiny_lm):
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         lm_head_params(model)
+
+
+def test_run_inside_forward_under_ddp(make_tiny_lm, tmp_path):
+    """The loss runs inside DDP's forward (its hooks see every step); gradients match plain autograd."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    reference = make_tiny_lm("qwen2", seed=7).train()
+    model = make_tiny_lm("qwen2", seed=7).train()
+    input_ids, attention_mask = _batch(model.config.vocab_size, batch=3, seq=8, seed=5)
+    keep = 4
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        wrapper_calls = []
+        ddp.register_forward_pre_hook(lambda module, args: wrapper_calls.append(1))
+        compute_loss = lambda: -_head_logprobs(model, input_ids, attention_mask, keep).sum()
+        for _ in range(2):
+            ddp.zero_grad(set_to_none=True)
+            run_inside_forward(ddp, compute_loss).backward()
+        assert len(wrapper_calls) == 2
+    finally:
+        dist.destroy_process_group()
+    (-_reference_logprobs(reference, input_ids, attention_mask, keep).sum()).backward()
+    for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
