@@ -33,6 +33,7 @@ __all__ = [
     "loss_and_logprob_grads",
     "LossInputs",
     "prepare_loss_inputs",
+    "validate_loss_inputs",
     "loss_metrics",
     "aggregation_weights",
     "aggregate",
