@@ -1,0 +1,59 @@
+"""`RPGLoss`: ``nn.Module`` wrapper of `rpg_kernels.fused_linear_rpg_loss`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from rpg_kernels.config import LossConfig
+from rpg_kernels.fused import fused_linear_rpg_loss
+
+
+class RPGLoss(nn.Module):
+    """The fused RPG-family loss on hidden states and an LM head (no ``[N, V]`` logits).
+
+    ``RPGLoss(config)(hidden, weight, targets, old_logprobs, advantages, mask)`` returns
+    ``(loss, metrics)``; see `rpg_kernels.fused_linear_rpg_loss` for shapes. Settings that stay fixed
+    over training (config, temperature, entropy bonus, backend) live on the module.
+    """
+
+    def __init__(
+        self,
+        config: LossConfig | None = None,
+        *,
+        temperature: float = 1.0,
+        entropy_coef: float = 0.0,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        deterministic: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = LossConfig() if config is None else config
+        if not isinstance(self.config, LossConfig):
+            raise TypeError(f"config must be a LossConfig, got {type(self.config).__name__}")
+        self.temperature = temperature
+        self.entropy_coef = entropy_coef
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.deterministic = deterministic
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        ref_logprobs: Tensor | None = None,
+        bias: Tensor | None = None,
+        num_items: float | int | Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return fused_linear_rpg_loss(
+            hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs,
+            config=self.config, temperature=self.temperature, bias=bias, entropy_coef=self.entropy_coef,
+            num_items=num_items, ignore_index=self.ignore_index, backend=self.backend,
+            deterministic=self.deterministic,
+        )
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, temperature={self.temperature}, entropy_coef={self.entropy_coef}"
