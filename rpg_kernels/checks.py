@@ -20,6 +20,7 @@ __all__ = [
     "check_same_shape",
     "check_same_device",
     "check_finite_masked",
+    "check_finite_masked_all",
     "check_targets_in_range",
     "check_positive_number",
     "check_num_items",
@@ -98,6 +99,21 @@ def check_finite_masked(name: str, t: torch.Tensor | None, mask: torch.Tensor | 
     if bool(bad.any()):
         count = int(bad.sum())
         raise ValueError(f"{name} has {count} non-finite value(s) on masked-in tokens")
+
+
+def check_finite_masked_all(mask: torch.Tensor | None = None, **tensors: torch.Tensor | None) -> None:
+    """`check_finite_masked` for several tensors with a single device sync (first offender named)."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    if not named:
+        return
+    keep = None if mask is None else mask != 0
+    flags = []
+    for _, t in named:
+        bad = ~torch.isfinite(t)
+        flags.append((bad if keep is None else bad & keep).any())
+    for (name, _), bad in zip(named, torch.stack(flags).tolist()):
+        if bad:
+            raise ValueError(f"{name} has non-finite value(s) on masked-in tokens")
 
 
 def check_targets_in_range(

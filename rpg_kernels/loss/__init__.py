@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rpg_kernels.checks import (
-    check_finite_masked,
+    check_finite_masked_all,
     check_float_dtype,
     check_num_items,
     check_same_device,
@@ -122,9 +122,7 @@ def validate_loss_inputs(
         to_2d, (logprobs, old_logprobs, mask, ref_logprobs, entropy)
     )
     keep = mask != 0
-    check_finite_masked("old_logprobs", old_logprobs, keep)
-    check_finite_masked("advantages", advantages, keep)
-    check_finite_masked("ref_logprobs", ref_logprobs, keep)
+    check_finite_masked_all(keep, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
 
     dtype = _compute_dtype(logprobs, old_logprobs, advantages, ref_logprobs, entropy)
     return LossInputs(logprobs, old_logprobs, advantages, keep, ref_logprobs, entropy, dtype)

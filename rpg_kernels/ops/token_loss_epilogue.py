@@ -16,6 +16,7 @@ The config's scalars come in a small tensor of that dtype, so fp64 runs see exac
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -235,6 +236,17 @@ def kernel_constexprs(config: LossConfig, compute_dtype: torch.dtype) -> dict:
     return dict(ALGO=ALGO_CODES[config.algo], KL=kl, CLIP_MODE=CLIP_CODES[config.clip_mode], COMPUTE=compute)
 
 
+@functools.lru_cache(maxsize=64)
+def kernel_params(config: LossConfig, compute_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[beta, 1 - eps_low, 1 + eps_high, clip_c, kl_clamp]`` on ``device`` (cached: no copy per call).
+
+    The bounds are formed in float64 and rounded once, as the PyTorch path does. Read-only.
+    """
+    kl_clamp = float("inf") if config.kl_clamp is None else config.kl_clamp
+    values = [config.beta, 1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_c, kl_clamp]
+    return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=compute_dtype)
+
+
 def token_loss_epilogue(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -254,9 +266,7 @@ def token_loss_epilogue(
     compute_dtype = weights.dtype
     device = logprobs.device
     per_sequence = advantages.shape[-1] == 1 and length != 1
-    kl_clamp = float("inf") if config.kl_clamp is None else config.kl_clamp
-    params = torch.tensor([config.beta, 1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_c, kl_clamp],
-                          dtype=torch.float64).to(device=device, dtype=compute_dtype)  # fmt: skip
+    params = kernel_params(config, compute_dtype, device)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous().view(-1)

@@ -6,6 +6,7 @@ import torch
 from rpg_kernels import LossConfig, rpg_loss
 from rpg_kernels.checks import (
     check_finite_masked,
+    check_finite_masked_all,
     check_float_dtype,
     check_int_dtype,
     check_same_device,
@@ -145,3 +146,9 @@ def test_generic_checkers():
             check_targets_in_range("targets", bad, 5)
     with pytest.raises(ValueError, match="targets"):
         check_targets_in_range("targets", targets, 5, ignore_index=None)
+    nan_second = torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])
+    check_finite_masked_all(mask, old=nan_second, ref=None, adv=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="adv"):
+        check_finite_masked_all(mask, old=nan_second, adv=torch.tensor([[0.0], [float("-inf")]]))
+    with pytest.raises(ValueError, match="old"):
+        check_finite_masked_all(None, old=nan_second)
