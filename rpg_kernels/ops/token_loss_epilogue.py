@@ -91,7 +91,7 @@ def _dual_clip(ratio, adv, low_bound, high_bound, clip_c):
         high, -adv * high_bound, tl.where(low, -adv * low_bound, tl.where(dual, -adv * clip_c, -adv * ratio))
     )
     d_value = tl.where(high | low | dual, 0.0, -adv)
-    zone = tl.where(high, 2, tl.where(low, 1, tl.where(dual, 3, 0)))
+    zone = tl.where(high, 2, tl.where(low, 1, tl.where(dual, 3, 0)))  # ZONE_HIGH, ZONE_LOW, ZONE_DUAL
     return value, d_value, zone
 
 

@@ -118,6 +118,7 @@ def test_zone_codes_cover_every_zone():
     """Guard: the inputs above visit the low, high and dual zones (codes 1, 2, 3)."""
     cfg = LossConfig.preset("rpg_reinforce", kl="urkl")
     _, t = make_inputs(5, 6, 40, with_ref=False)
+    t = to_device(t)
     weights = aggregation_weights(t["mask"], "token-mean", dtype=torch.float64)
     out = epilogue.token_loss_epilogue(t["lp"], t["lo"], t["a"], t["mask"], weights, cfg, block=64)
     assert set(out.zone[t["mask"]].tolist()) == {0, 1, 2, 3}
@@ -129,6 +130,7 @@ def test_kl_clamp_against_reference(algo, kl_clamp):
     extra = dict(kl="urkl") if algo.startswith("rpg") else dict(kl_estimator="k3_is")
     cfg = LossConfig.preset(algo, beta=0.5, kl_clamp=kl_clamp, agg="token-mean", **extra)
     (lp, lo, lref, a, mask), t = make_inputs(31, 4, 23, with_ref=True)
+    t = to_device(t)
     value, grad, _, _ = loss_and_logprob_grads(
         t["lp"], t["lo"], t["a"], t["mask"], t["lref"], cfg, backend="triton"
     )
@@ -139,14 +141,15 @@ def test_kl_clamp_against_reference(algo, kl_clamp):
     values, grads = value_and_grad(as_dict, lp, lo, lref, a)
     n = mask.sum()
     np.testing.assert_allclose(value.item(), values[mask].sum() / n, rtol=1e-12)
-    np.testing.assert_allclose(grad.numpy(), np.where(mask, grads, 0.0) / n, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(grad.cpu().numpy(), np.where(mask, grads, 0.0) / n, rtol=1e-11, atol=1e-14)
 
 
 def test_mixed_dtypes_entropy_num_items_and_sequence_advantages():
     """bf16 log-probs with fp32 old/ref, [B] advantages, entropy bonus, a global num_items."""
     _, t = make_inputs(41, 5, 33, with_ref=True)
+    t = to_device(t)
     cfg = LossConfig.preset("rpg_reinforce", agg="seq-mean-token-mean")
-    entropy = torch.rand(5, 33).masked_fill(~t["mask"], float("nan"))
+    entropy = torch.rand(5, 33, device=DEVICE).masked_fill(~t["mask"], float("nan"))
     args = (t["lp"].to(torch.bfloat16), t["lo"].float(), t["a"][:, 0].nan_to_num().float(), t["mask"],
             t["lref"].float(), cfg, 7)  # fmt: skip
     kwargs = dict(entropy=entropy, entropy_coef=0.03)
@@ -162,6 +165,7 @@ def test_mixed_dtypes_entropy_num_items_and_sequence_advantages():
 
 def test_all_zero_mask_and_gspo_fallback():
     _, t = make_inputs(43, 3, 9, with_ref=True)
+    t = to_device(t)
     zero = torch.zeros_like(t["mask"])
     for algo in ("rpg", "rpg_reinforce", "grpo", "cispo", "gspo"):
         value, grad, _, metrics = loss_and_logprob_grads(
