@@ -109,15 +109,14 @@ def linear_logprobs_forward_kernel(
             hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
             inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        z = tl.where(mask_v[None, :], z, float("-inf"))
         target_logit += tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
+        z = tl.where(mask_v[None, :], z, _NEG_BIG)  # exp -> 0, and 0 * shifted stays 0 (no inf * 0)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         alpha = tl.exp(run_max - new_max)
         shifted = z - new_max[:, None]
         e = tl.exp(shifted)
         if WITH_ENTROPY:
-            run_tsum = alpha * (run_tsum + (run_max - new_max) * run_sumexp)
-            run_tsum += tl.sum(tl.where(mask_v[None, :], e * shifted, 0.0), axis=1)
+            run_tsum = alpha * (run_tsum + (run_max - new_max) * run_sumexp) + tl.sum(e * shifted, axis=1)
         run_sumexp = run_sumexp * alpha + tl.sum(e, axis=1)
         run_max = new_max
 
