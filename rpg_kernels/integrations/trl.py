@@ -31,6 +31,7 @@ Our metrics are logged through TRL's logger as ``rpg/<name>`` (plus TRL's ``kl``
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +239,14 @@ class RPGGRPOTrainer(GRPOTrainer):
             return "torch"  # the Triton interpreter would be far slower than the chunked PyTorch path
         return self.rpg_backend
 
+    def _head_context(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        """With ``cast_lm_head_to_fp32`` the head runs in fp32 outside autocast, as TRL's own head does;
+        otherwise the fused functions follow autocast themselves."""
+        if not self.args.cast_lm_head_to_fp32:
+            return hidden, weight, bias, nullcontext()
+        bias = None if bias is None else bias.float()
+        return hidden.float(), weight.float(), bias, torch.autocast(hidden.device.type, enabled=False)
+
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Tensor:
         import rpg_kernels as rk
 
@@ -259,19 +268,21 @@ class RPGGRPOTrainer(GRPOTrainer):
             causal_lm = unwrap_model(model)
             hidden = completion_hidden_states(causal_lm, input_ids, attention_mask, completion_ids.shape[1])
             weight, bias = lm_head_params(causal_lm)
+            hidden, weight, bias, head_context = self._head_context(hidden, weight, bias)
             backend = self._backend_for(hidden.device)
             old = old_logprobs
-            if old is None:  # on-policy step: TRL skips the old-policy pass, the ratio is exactly 1
-                with torch.no_grad():
-                    old = rk.fused_linear_logprobs(
-                        hidden.detach(), weight.detach(), completion_ids, bias=bias,
-                        temperature=self.temperature, backend=backend,
-                    )
-            return rk.fused_linear_rpg_loss(
-                hidden, weight, completion_ids, old, inputs["advantages"], mask, ref_logprobs,
-                config=self.loss_config, temperature=self.temperature, bias=bias,
-                entropy_coef=entropy_coef, num_items=num_items, backend=backend,
-            )
+            with head_context:
+                if old is None:  # on-policy step: TRL skips the old-policy pass, the ratio is exactly 1
+                    with torch.no_grad():
+                        old = rk.fused_linear_logprobs(
+                            hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
+                            backend=backend,
+                        )
+                return rk.fused_linear_rpg_loss(
+                    hidden, weight, completion_ids, old, inputs["advantages"], mask, ref_logprobs,
+                    config=self.loss_config, temperature=self.temperature, bias=bias,
+                    entropy_coef=entropy_coef, num_items=num_items, backend=backend,
+                )
 
         with self.accelerator.autocast():
             loss, metrics = run_inside_forward(model, fused_loss)

@@ -20,9 +20,9 @@ from rpg_kernels.integrations.trl import (  # noqa: E402
 PROMPTS = ["a b c", "d e", "f g h i", "j", "k l m", "n o", "p q r", "s t u v"]
 
 
-def count_a(completions, **kwargs):
-    """Toy reward: how often the token `a` appears in the completion."""
-    return [float(text.split().count("a")) for text in completions]
+def digit_share(completions, **kwargs):
+    """Toy reward: the share of digit characters in the completion (it varies within a group)."""
+    return [sum(char.isdigit() for char in text) / max(len(text), 1) for text in completions]
 
 
 def _args(tmp_path, **overrides):
@@ -47,7 +47,7 @@ def _args(tmp_path, **overrides):
 
 
 def _trainer(model_dir, args):
-    return RPGGRPOTrainer(model=model_dir, reward_funcs=count_a, args=args,
+    return RPGGRPOTrainer(model=model_dir, reward_funcs=digit_share, args=args,
                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
 
 
