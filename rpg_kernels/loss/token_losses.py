@@ -22,7 +22,15 @@ from torch import Tensor
 
 from rpg_kernels.config import LossConfig
 
-__all__ = ["TokenLosses", "token_losses", "kl_regulariser", "kl_coefficient", "kl_estimate", "dual_clip"]
+__all__ = [
+    "TokenLosses",
+    "token_losses",
+    "kl_regulariser",
+    "kl_coefficient",
+    "kl_coefficient_over_ratio",
+    "kl_estimate",
+    "dual_clip",
+]
 
 
 @dataclass
@@ -173,14 +181,30 @@ def token_losses(
 @torch.no_grad()
 def _rpg_coefficient(
     kl: str, w: Tensor, log_rho: Tensor, kappa: Tensor | float, advantages: Tensor, cfg: LossConfig
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(w*A + C(w), C(w), Omega)`` with C zeroed where ``kl_clamp`` cuts Omega (its gradient is 0 there)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(w*A + C(w), C(w), Omega, inside)``: C is zeroed where ``kl_clamp`` cuts Omega (its gradient is
+    0 there); ``inside`` marks the tokens it does not cut (None without a clamp)."""
     coef_kl = kl_coefficient(kl, w, log_rho, kappa, cfg.beta)
     omega = kl_regulariser(kl, w, log_rho, kappa)
+    inside = None
     if cfg.kl_clamp is not None:
-        coef_kl = torch.where(omega.abs() <= cfg.kl_clamp, coef_kl, torch.zeros_like(coef_kl))
+        inside = omega.abs() <= cfg.kl_clamp
+        coef_kl = torch.where(inside, coef_kl, torch.zeros_like(coef_kl))
         omega = omega.clamp(-cfg.kl_clamp, cfg.kl_clamp)
-    return w * advantages + coef_kl, coef_kl, omega
+    return w * advantages + coef_kl, coef_kl, omega, inside
+
+
+def kl_coefficient_over_ratio(kl: str, log_rho: Tensor, beta: float) -> Tensor:
+    """``C(w) / w`` in closed form (``kappa / w = 1 / rho``): finite even where ``w`` underflows to 0."""
+    if kl == "fkl":
+        return beta * torch.exp(-log_rho)
+    if kl == "rkl":
+        return -beta * (log_rho + 1.0)
+    if kl == "ufkl":
+        return -beta * (1.0 - torch.exp(-log_rho))
+    if kl == "urkl":
+        return -beta * log_rho
+    raise ValueError(f"unknown kl={kl!r}")
 
 
 def _rpg_reinforce(
@@ -194,7 +218,7 @@ def _rpg_reinforce(
 ) -> TokenLosses:
     """REINFORCE-style RPG (SPEC §3): ``L = -SG(w*A + C(w)) * l`` with clip modes none/truncate/dual."""
     if cfg.clip_mode == "none":
-        coef, _, omega = _rpg_coefficient(cfg.kl, w, log_rho, kappa, advantages, cfg)
+        coef, _, omega, _ = _rpg_coefficient(cfg.kl, w, log_rho, kappa, advantages, cfg)
         return TokenLosses(-coef * logprobs, omega, w, _no_clip(w), _no_clip(w), _no_clip(w))
 
     if cfg.clip_mode == "truncate":  # Remark F.2: w -> clip(w) inside SG, log(rho) shifted to match
@@ -202,13 +226,16 @@ def _rpg_reinforce(
             w_trunc = w.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
             log_rho_trunc = log_rho + torch.log(w_trunc) - log_ratio
             low, high = w < 1.0 - cfg.eps_low, w > 1.0 + cfg.eps_high
-        coef, _, omega = _rpg_coefficient(cfg.kl, w_trunc, log_rho_trunc, kappa, advantages, cfg)
+        coef, _, omega, _ = _rpg_coefficient(cfg.kl, w_trunc, log_rho_trunc, kappa, advantages, cfg)
         return TokenLosses(-coef * logprobs, omega, w, low, high, _no_clip(w))
 
     # dual: RPG-style clip (Alg. 2), branching on the sign of A' = A + C(w)/w.
     with torch.no_grad():
-        coef, coef_kl, omega = _rpg_coefficient(cfg.kl, w, log_rho, kappa, advantages, cfg)
-        positive = advantages + coef_kl / w >= 0
+        coef, coef_kl, omega, inside = _rpg_coefficient(cfg.kl, w, log_rho, kappa, advantages, cfg)
+        coef_kl_over_w = kl_coefficient_over_ratio(cfg.kl, log_rho, cfg.beta)
+        if inside is not None:
+            coef_kl_over_w = torch.where(inside, coef_kl_over_w, torch.zeros_like(coef_kl_over_w))
+        positive = advantages + coef_kl_over_w >= 0
         high = positive & (w >= 1.0 + cfg.eps_high)
         low = ~positive & (w <= 1.0 - cfg.eps_low)
         dual = ~positive & (w >= cfg.clip_c)

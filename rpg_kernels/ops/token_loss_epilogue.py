@@ -56,6 +56,20 @@ def _regulariser(w, log_rho, kappa, KL: tl.constexpr):
 
 
 @triton.jit
+def _coefficient_over_ratio(log_rho, KL: tl.constexpr):
+    """``-C(w) / (beta w) = dOmega/dl / w`` in closed form (kappa / w = 1 / rho): finite when w underflows."""
+    if KL == 0:
+        value = -tl.exp(-log_rho)
+    elif KL == 1:
+        value = log_rho + 1.0
+    elif KL == 2:
+        value = 1.0 - tl.exp(-log_rho)
+    else:
+        value = log_rho
+    return value
+
+
+@triton.jit
 def _estimator(w, log_rho, KL: tl.constexpr):
     """The baselines' estimators on rho and their d/dl (KL: 0 k1, 1 k2, 2 k3, 3 k3_is)."""
     if KL == 0:
@@ -171,7 +185,9 @@ def token_loss_epilogue_kernel(
         coef = w_c * adv + coef_kl
         grad = -coef
         if CLIP_MODE == 2:  # dual: branch on the sign of A' = A + C(w)/w
-            positive = adv + coef_kl / w >= 0
+            d_omega_over_w = _coefficient_over_ratio(log_rho, KL)
+            d_omega_over_w = tl.where(tl.abs(omega) <= kl_clamp, d_omega_over_w, 0.0)
+            positive = adv - beta * d_omega_over_w >= 0
             high = positive & (w >= high_bound)
             low = (~positive) & (w <= low_bound)
             dual = (~positive) & (w >= clip_c)

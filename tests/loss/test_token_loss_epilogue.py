@@ -231,3 +231,23 @@ def test_aot_compiles_every_constexpr_combination():
     for cc, results in run_workers("--all", timeout=1800).items():
         assert len(results) == 80  # 40 (ALGO, KL, CLIP_MODE) x 2 compute dtypes
         check_results(results, cc)
+
+
+@pytest.mark.parametrize("kl", KLS)
+def test_underflowing_ratio_matches_float64(kl):
+    """w = exp(-150) is 0 in fp32: the sign of A' = A + C/w must still be right (C/w in closed form),
+    so both backends in fp32 agree with the fp64 computation, without NaN."""
+    lp = torch.tensor([[-0.5, -1.0, -2.0, -0.7]], dtype=torch.float64)
+    old = lp + torch.tensor([[150.0, 150.0, 0.1, -0.2]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, -1.0, 0.5, -0.3]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    cfg = LossConfig.preset("rpg_reinforce", kl=kl, beta=0.01)
+    expected = loss_and_logprob_grads(lp, old, adv, mask, config=cfg, backend="torch")
+    args = [t.float().to(DEVICE) for t in (lp, old, adv)]
+    for backend in ("torch", "triton"):
+        got = loss_and_logprob_grads(args[0], args[1], args[2], mask.to(DEVICE), config=cfg, backend=backend)
+        assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all()
+        torch.testing.assert_close(got[0].double().cpu(), expected[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[1].double().cpu(), expected[1], rtol=1e-5, atol=1e-7)
+        for key in ("clip_frac_low", "clip_frac_high", "clip_frac_dual"):
+            assert float(got[3][key]) == float(expected[3][key]), key
