@@ -160,8 +160,11 @@ def fused_linear_rpg_loss(
         raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
     if isinstance(entropy_coef, bool) or not isinstance(entropy_coef, (int, float)):
         raise TypeError(f"entropy_coef must be a real number, got {type(entropy_coef).__name__}")
+    check_tensor("hidden", hidden)
     check_tensor("targets", targets)
     check_tensor("old_logprobs", old_logprobs)
+    if hidden.dim() in (2, 3):
+        check_shape("targets", targets, hidden.shape[:-1])
     check_shape("old_logprobs", old_logprobs, targets.shape)
     validate_loss_inputs(old_logprobs, old_logprobs, advantages, mask, ref_logprobs)
     h, w, b, y, temperature, backend = _prepare_linear_inputs(
