@@ -91,6 +91,7 @@ TRL_CASES = [
     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05, epsilon_high=0.08, beta=0.04,
          use_bias_correction_kl=False),
     dict(loss_type="dapo", beta=0.04, rpg_reference="model"),
+    dict(loss_type="dapo", epsilon_high=0.28, rpg_backend="triton"),  # Triton kernels (CPU: interpreter)
 ]
 
 
