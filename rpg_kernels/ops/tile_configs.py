@@ -109,14 +109,16 @@ def dtype_class(dtype) -> str:
     return "fp32" if str(dtype) in ("torch.float32", "fp32") else "tensor_core"
 
 
-def configs_for(kernel: str, cc_major: int, dtype_cls: str = "tensor_core") -> tuple[TileConfig, ...]:
-    """Autotune set of ``kernel`` on a GPU of compute capability major ``cc_major`` (>= 9: sm_90's)."""
+def configs_for(kernel: str, cc: int, dtype_cls: str = "tensor_core") -> tuple[TileConfig, ...]:
+    """Autotune set of ``kernel`` for compute capability ``cc`` (``80``, ``86``, ``90``, or the major
+    ``8``, ``9``): sm_90's set from Hopper on, sm_80's below."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if dtype_cls not in DTYPE_CLASSES:
         raise ValueError(f"dtype_cls must be one of {DTYPE_CLASSES}, got {dtype_cls!r}")
     table = _FP32 if dtype_cls == "fp32" else _TENSOR_CORE
-    return table[90 if cc_major >= 9 else 80][kernel]
+    cc = cc * 10 if cc < 10 else cc
+    return table[90 if cc >= 90 else 80][kernel]
 
 
 _AUTOTUNED: dict[tuple[int, str, int, str], object] = {}
