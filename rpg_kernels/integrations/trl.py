@@ -234,6 +234,17 @@ class RPGGRPOTrainer(GRPOTrainer):
             normaliser = normaliser * accumulation / self.args.steps_per_generation
         return normaliser
 
+    def _entropy_coef(self, mask: Tensor, num_items: Tensor | float, mode: str) -> float:
+        """Our coefficient on ``sum(entropy * loss_weights)`` that gives TRL's bonus, ``entropy_coef *
+        token-mean(entropy) / accumulation``, for the token-mean losses (seq-mean losses: their weights)."""
+        if not self._entropy_bonus_enabled or self.entropy_coef == 0.0:
+            return 0.0
+        if self.loss_config.agg != "token-mean":
+            return float(self.entropy_coef)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        tokens = float(mask.sum().clamp(min=1.0))
+        return float(self.entropy_coef) * float(num_items) / (tokens * accumulation)
+
     def _backend_for(self, device: torch.device) -> str:
         if self.rpg_backend == "auto" and device.type == "cpu":
             return "torch"  # the Triton interpreter would be far slower than the chunked PyTorch path
@@ -262,7 +273,7 @@ class RPGGRPOTrainer(GRPOTrainer):
         ref_logprobs = inputs.get("ref_per_token_logps") if self.rpg_reference == "model" else None
         mode = "train" if self.model.training else "eval"
         num_items = self._normaliser(inputs, mask, mode)
-        entropy_coef = self.entropy_coef if self._entropy_bonus_enabled else 0.0
+        entropy_coef = self._entropy_coef(mask, num_items, mode)
 
         def fused_loss() -> tuple[Tensor, dict[str, Tensor]]:
             causal_lm = unwrap_model(model)

@@ -51,12 +51,15 @@ def _trainer(model_dir, args):
                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
 
 
-def _first_micro_batch(trainer, seed):
-    """A generated micro-batch with off-policy old (and reference) log-probs and random advantages."""
+def _first_micro_batch(trainer, seed, perturb=True):
+    """A generated micro-batch; ``perturb``: off-policy old and reference log-probs, random advantages."""
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
     batch = next(iter(trainer.get_train_dataloader()))
     inputs = dict(trainer._prepare_inputs(batch))
+    if not perturb:
+        assert "old_per_token_logps" not in inputs and inputs["advantages"].abs().sum() > 0
+        return inputs
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -67,6 +70,8 @@ def _first_micro_batch(trainer, seed):
     inputs["old_per_token_logps"] = current + 0.3 * torch.randn(shape, generator=gen)
     inputs["ref_per_token_logps"] = current + 0.3 * torch.randn(shape, generator=gen)
     inputs["advantages"] = torch.randn(shape[0], generator=gen)
+    lengths = torch.randint(1, shape[1] + 1, (shape[0],), generator=gen)  # as if EOS ended some early
+    inputs["completion_mask"] = inputs["completion_mask"] * (torch.arange(shape[1]) < lengths[:, None])
     assert inputs["completion_mask"].sum() > 0
     return inputs
 
@@ -80,6 +85,9 @@ def _loss_and_grads(compute, trainer, inputs):
 
 
 TRL_CASES = [
+    dict(loss_type="dapo", perturb=False),  # TRL's own first micro-batch: on-policy, no old log-probs
+    dict(loss_type="grpo", perturb=False),
+    dict(loss_type="dapo", entropy_coef=0.1),
     dict(loss_type="dapo"),
     dict(loss_type="dapo", epsilon_high=0.28),
     dict(loss_type="grpo", beta=0.04),
@@ -97,8 +105,10 @@ TRL_CASES = [
 
 @pytest.mark.parametrize("case", TRL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_loss_and_grads_match_trl(tiny_model_dir, tmp_path, case):
+    case = dict(case)
+    perturb = case.pop("perturb", True)
     trainer = _trainer(tiny_model_dir, _args(tmp_path, **case))
-    inputs = _first_micro_batch(trainer, seed=len(str(case)))
+    inputs = _first_micro_batch(trainer, seed=len(str(case)), perturb=perturb)
     head_calls = []
     trainer.model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
 
