@@ -127,6 +127,39 @@ def test_loss_and_grads_match_trl(tiny_model_dir, tmp_path, case):
     assert "rpg/clip_frac" in trainer._metrics["train"]
 
 
+@pytest.mark.parametrize(
+    "algo, kl, clip_mode, loss_type",
+    [("rpg", "urkl", "dual", "dapo"), ("rpg_reinforce", "fkl", "dual", "grpo"),
+     ("rpg_reinforce", "rkl", "truncate", "dr_grpo"), ("rpg_reinforce", "ufkl", "none", "bnpo")],
+)
+def test_rpg_algos_equal_rpg_loss_on_trl_logprobs(tiny_model_dir, tmp_path, algo, kl, clip_mode, loss_type):
+    """Our trainer's RPG loss equals rk.rpg_loss on TRL's own log-probs with TRL's normalisation."""
+    import rpg_kernels as rk
+
+    args = _args(tmp_path, loss_type=loss_type, rpg_algo=algo, rpg_kl=kl, rpg_clip_mode=clip_mode, beta=0.05,
+                 epsilon_high=0.28, rpg_clip_c=4.0, temperature=0.9)
+    trainer = _trainer(tiny_model_dir, args)
+    inputs = _first_micro_batch(trainer, seed=7)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    mask = inputs["completion_mask"]
+
+    def reference(model, x):
+        keep = mask.shape[1]
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, keep)
+        num_items = trainer._normaliser(x, mask, "train")
+        loss, _ = rk.rpg_loss(logps, x["old_per_token_logps"], x["advantages"], mask,
+                              config=trainer.loss_config, num_items=num_items)
+        return loss
+
+    ref_loss, ref_grads = _loss_and_grads(reference, trainer, inputs)
+    our_loss, our_grads = _loss_and_grads(trainer._compute_loss, trainer, inputs)
+    assert ref_loss.abs() > 1e-4
+    torch.testing.assert_close(our_loss, ref_loss, rtol=1e-5, atol=1e-7)
+    for name, grad in ref_grads.items():
+        assert (our_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max().clamp(min=1e-12), name
+
+
 def test_rpg_trains_without_reference_model(tiny_model_dir, tmp_path):
     args = _args(tmp_path, loss_type="dapo", rpg_algo="rpg_reinforce", rpg_kl="urkl", beta=1e-3, max_steps=3,
                  epsilon_high=0.28, num_iterations=2)
