@@ -5,15 +5,23 @@ Per token, from the upstream grads ``g_l`` (on logprob) and ``g_H`` (on entropy)
     log p = z - lse,   dz = g_l * (onehot(y) - p) - g_H * p * (log p + entropy)
     dh = dz @ W / T,   dW = dz.T @ h / T,   db = sum_n dz / T
 
-Deterministic by default (no order-dependent atomics), in two kernels:
+Three methods (``method=``); the first two are deterministic (no order-dependent atomics):
 
-- ``backward_dh_kernel``: a program owns ``BLOCK_N`` token rows and walks the vocabulary; for each
-  tile it adds ``dz @ W[tile]`` into its own rows of the fp32 ``dh`` (read-modify-write, no races).
-- ``backward_dw_kernel``: a program owns ``BLOCK_V`` vocabulary rows and walks the tokens; it adds
-  ``dz.T @ h`` into its own rows of the fp32 ``dW`` and sums ``dz`` into ``db`` in registers.
+- ``"gemm"`` (default): per chunk of ``C`` tokens, ``backward_dz_kernel`` (one program per
+  ``(BLOCK_N, BLOCK_V)`` tile, token blocks fastest so that running programs share ``W`` tiles in L2)
+  writes ``dz / T`` in the operand dtype to a ``[C, V]`` workspace (``C * V`` bounded, independent of
+  ``N``); then two cuBLAS GEMMs: ``dh[chunk] = dz @ W`` and ``dW += dz.T @ h[chunk]`` (fp32
+  accumulator), ``db += sum(dz)`` (fp32). Logits are recomputed once and 2/3 of the FLOPs run in cuBLAS.
+- ``"rows"``: two Triton kernels, no workspace at all:
 
-``deterministic=False`` uses ``backward_atomic_kernel`` instead: one program per ``(BLOCK_N, BLOCK_V)``
-tile, logits recomputed once, ``dh``/``dW``/``db`` by fp32 atomic adds (faster; bits vary run to run).
+  - ``backward_dh_kernel``: a program owns ``BLOCK_N`` token rows and walks the vocabulary; for each
+    tile it adds ``dz @ W[tile]`` into its own rows of the fp32 ``dh`` (read-modify-write, no races).
+  - ``backward_dw_kernel``: a program owns ``BLOCK_V`` vocabulary rows and walks the tokens; it adds
+    ``dz.T @ h`` into its own rows of the fp32 ``dW`` and sums ``dz`` into ``db`` in registers.
+
+  Logits are recomputed twice and the fp32 read-modify-writes cost memory traffic.
+- ``"atomic"`` (``deterministic=False``): ``backward_atomic_kernel``, one program per tile, logits
+  recomputed once, ``dh``/``dW``/``db`` by fp32 atomic adds (bits vary from run to run).
 The ``dz`` tile is cast to the operand dtype (bf16/fp16) before its ``tl.dot``; accumulation is fp32.
 """
 
@@ -57,6 +65,31 @@ def _grad_logits(z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_te
     dz = tl.where(offs_v[None, :] == target[:, None], g_l[:, None], 0.0) - p * coef
     valid = (offs_n < N)[:, None] & (offs_v < V)[None, :]
     return tl.where(valid, dz * inv_temperature, 0.0)
+
+
+@triton.jit
+def backward_dz_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr,
+    dz_ptr,
+    N, V, H, stride_hn, stride_wv, stride_dzn,
+    inv_temperature,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``dz[n, v] / T`` of one ``(BLOCK_N, BLOCK_V)`` tile, stored in ``dz_ptr``'s dtype (``[N, V]``)."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    offs_n = (pid % num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = (pid // num_n_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
+    target, lse, g_l, g_h, entropy = _token_vectors(
+        targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr, offs_n, N, HAS_ENTROPY_GRAD
+    )
+    z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
+                    inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H)
+    dz = _grad_logits(z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature,
+                      HAS_ENTROPY_GRAD)
+    ptrs = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_v[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_v < V)[None, :])
 
 
 @triton.jit
@@ -186,6 +219,7 @@ _DW_TYPES = {"dw_ptr": "*fp32", "db_ptr": "*fp32"}
 def aot_variants(dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")):
     """Yield ``(family, kernel, types, constexprs)`` for every variant this module launches (tiles aside)."""
     kernels = (
+        ("backward_dz", backward_dz_kernel, {"dz_ptr": "*OPERAND"}),
         ("backward_dh", backward_dh_kernel, {"dh_ptr": "*fp32"}),
         ("backward_dw", backward_dw_kernel, _DW_TYPES),
         ("backward_atomic", backward_atomic_kernel, {"dh_ptr": "*fp32", **_DW_TYPES}),
@@ -194,7 +228,26 @@ def aot_variants(dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")):
         for family, kernel, out_types in kernels:
             for has_entropy_grad in (False, True):
                 types = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", **_VECTOR_TYPES, **out_types}
+                types = {name: ty.replace("OPERAND", dtype) for name, ty in types.items()}
                 yield family, kernel, types, {"HAS_ENTROPY_GRAD": has_entropy_grad}
+
+
+METHODS = ("gemm", "rows", "atomic")
+DEFAULT_DZ_ELEMENTS = 1 << 28  # "gemm" workspace: 512 MiB of bf16 dz, e.g. 1766 tokens x 151936
+
+
+def _add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in the operand dtype (fp32 GEMM accumulation)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+            return
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+            pass
+    acc += torch.mm(a, b).to(torch.float32)
 
 
 def linear_logprobs_backward(
@@ -212,13 +265,20 @@ def linear_logprobs_backward(
     need_weight: bool = True,
     need_bias: bool = True,
     deterministic: bool = True,
+    method: str | None = None,
+    dz_elements: int = DEFAULT_DZ_ELEMENTS,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dh [N, H], dW [V, H], db [V] | None)`` in the input dtypes (None where not needed).
 
     ``hidden [N, H]``, ``weight [V, H]`` (rows contiguous), ``targets [N]`` int64, ``lse``/``entropy``
     from the forward, ``grad_*`` per-token upstream grads ``[N]``; ``grad_entropy`` may be None.
-    Ignored tokens (``targets == ignore_index``) get no gradient.
+    Ignored tokens (``targets == ignore_index``) get no gradient. ``method``: one of ``METHODS``
+    (default ``"gemm"``, or ``"atomic"`` when ``deterministic=False``); ``dz_elements`` bounds the
+    ``"gemm"`` workspace.
     """
+    method = method or ("gemm" if deterministic else "atomic")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -226,25 +286,53 @@ def linear_logprobs_backward(
     valid = targets != ignore_index
     f32 = lambda x: torch.where(valid, x.to(torch.float32), 0.0).contiguous()
     has_entropy_grad = grad_entropy is not None
-    vectors = (
-        fp32_bias(bias, weight),
+    bias32 = fp32_bias(bias, weight)
+    lse32 = lse.to(torch.float32).contiguous()
+    per_token = (
         targets,
-        lse.to(torch.float32).contiguous(),
-        entropy.to(torch.float32).contiguous() if has_entropy_grad else lse,
+        lse32,
+        entropy.to(torch.float32).contiguous() if has_entropy_grad else lse32,
         f32(grad_logprob),
-        f32(grad_entropy) if has_entropy_grad else lse,
+        f32(grad_entropy) if has_entropy_grad else lse32,
     )
     inv_t = 1.0 / temperature
     common = dict(device=device, dtype=hidden.dtype, HAS_ENTROPY_GRAD=has_entropy_grad)
-    # fp32 accumulators; the atomic kernel always produces all three.
-    need_dw = need_weight or need_bias or not deterministic
-    dh = torch.zeros((n_tokens, hidden_size), dtype=torch.float32, device=device)
-    dh = dh if need_hidden or not deterministic else None
-    dw = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device) if need_dw else None
-    db = torch.zeros(vocab, dtype=torch.float32, device=device) if need_dw else None
     sizes = (n_tokens, vocab, hidden_size, hidden.stride(0), weight.stride(0))
+    f32_zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)
 
-    if not deterministic:
+    if method == "gemm":
+        dh = torch.empty_like(hidden) if need_hidden else None
+        dw = f32_zeros(vocab, hidden_size) if need_weight else None
+        db = f32_zeros(vocab) if need_bias else None
+        chunk = max(1, min(n_tokens, dz_elements // vocab))
+        dz = torch.empty((chunk, vocab), dtype=hidden.dtype, device=device)
+        for start in range(0, n_tokens, chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[rows]
+            n = h.shape[0]
+            dz_rows = dz[:n]
+            grid = lambda meta, n=n: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)
+            launch(backward_dz_kernel, "backward_dz", grid, h, weight, bias32, *(t[rows] for t in per_token),
+                   dz_rows, n, *sizes[1:], dz_rows.stride(0), inv_t, **common)
+            if dh is not None:
+                torch.mm(dz_rows, weight, out=dh[rows])
+            if dw is not None:
+                _add_matmul_fp32(dw, dz_rows.T, h)
+            if db is not None:
+                db += dz_rows.sum(dim=0, dtype=torch.float32)
+        return (
+            dh,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None,
+        )
+
+    vectors = (bias32, *per_token)
+    atomic = method == "atomic"
+    need_dw = need_weight or need_bias or atomic  # the atomic kernel always produces all three
+    dh = f32_zeros(n_tokens, hidden_size) if need_hidden or atomic else None
+    dw = f32_zeros(vocab, hidden_size) if need_dw else None
+    db = f32_zeros(vocab) if need_dw else None
+    if atomic:
         grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)
         launch(backward_atomic_kernel, "backward_atomic", grid, hidden, weight, *vectors, dh, dw, db,
                *sizes, dh.stride(0), dw.stride(0), inv_t, reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"),

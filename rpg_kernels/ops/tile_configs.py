@@ -14,6 +14,7 @@ Kernels and their tile roles (all 1-D grids on axis 0):
 
 - ``forward``: a program owns ``BLOCK_N`` tokens and one slice of the vocabulary; it walks the slice in
   ``BLOCK_V`` columns, each logits tile is a ``tl.dot`` loop over ``H`` in ``BLOCK_H`` steps.
+- ``backward_dz``: a program owns one ``(BLOCK_N, BLOCK_V)`` tile of ``dz`` (the default backward).
 - ``backward_dh``: a program owns ``BLOCK_N`` tokens (rows of ``dh``), walks all of ``V``.
 - ``backward_dw``: a program owns ``BLOCK_V`` vocabulary rows (rows of ``dW`` and ``db``), walks all of ``N``.
 - ``backward_atomic``: a program owns one ``(BLOCK_N, BLOCK_V)`` tile; ``dh``/``dW`` by atomic adds.
@@ -56,9 +57,13 @@ _TENSOR_CORE = {
             TileConfig(128, 128, 64, num_warps=8, num_stages=3),
             TileConfig(64, 256, 64, num_warps=8, num_stages=3),
         ),
+        "backward_dz": (
+            TileConfig(64, 128, 32, num_warps=4, num_stages=3),
+            TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+        ),
         "backward_dh": (
-            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
             TileConfig(64, 128, 32, num_warps=8, num_stages=3),
+            TileConfig(128, 64, 32, num_warps=8, num_stages=3),
         ),
         "backward_dw": (
             TileConfig(64, 64, 64, num_warps=4, num_stages=3),
@@ -74,6 +79,10 @@ _TENSOR_CORE = {
             TileConfig(64, 128, 64, num_warps=4, num_stages=3),
             TileConfig(128, 128, 64, num_warps=8, num_stages=3),
             TileConfig(64, 256, 64, num_warps=8, num_stages=3),
+        ),
+        "backward_dz": (
+            TileConfig(64, 128, 64, num_warps=4, num_stages=3),
+            TileConfig(128, 128, 64, num_warps=8, num_stages=3),
         ),
         "backward_dh": (
             TileConfig(64, 64, 64, num_warps=4, num_stages=3),
@@ -96,11 +105,11 @@ _TENSOR_CORE = {
 _FP32_FORWARD = TileConfig(64, 64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = TileConfig(32, 64, 32, num_warps=4, num_stages=2)
 _FP32 = {
-    cc: {kernel: (_FP32_FORWARD if kernel == "forward" else _FP32_BACKWARD,) for kernel in _TENSOR_CORE[cc]}
+    cc: {k: (_FP32_FORWARD if k in ("forward", "backward_dz") else _FP32_BACKWARD,) for k in _TENSOR_CORE[cc]}
     for cc in _TENSOR_CORE
 }
 
-KERNELS = ("forward", "backward_dh", "backward_dw", "backward_atomic")
+KERNELS = ("forward", "backward_dz", "backward_dh", "backward_dw", "backward_atomic")
 DTYPE_CLASSES = ("tensor_core", "fp32")
 
 

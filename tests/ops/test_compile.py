@@ -42,7 +42,7 @@ def test_every_configuration_compiles(compiled, cc):
     expected = list(cases(cc))
     assert len(compiled[cc]) == len(expected) > 0
     families = {r["family"] for r in compiled[cc]}
-    assert families == {"forward", "backward_dh", "backward_dw", "backward_atomic"}
+    assert families == {"forward", "backward_dz", "backward_dh", "backward_dw", "backward_atomic"}
     assert {r["dtype"] for r in compiled[cc]} == {"fp16", "bf16", "fp32"}
 
 
