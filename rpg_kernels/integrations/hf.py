@@ -57,6 +57,8 @@ def lm_head_params(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         head = getattr(model, "lm_head", None)
+    if hasattr(head, "base_layer"):  # a PEFT adapter (e.g. LoRA) on the head: `.weight` misses the adapter
+        raise ValueError("model: adapters on the LM head are unsupported; keep lm_head out of target_modules")
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise TypeError(f"model: {type(model).__name__} has no linear LM head (`lm_head.weight` [V, H])")

@@ -111,6 +111,12 @@ def test_bad_inputs_raise(make_tiny_lm):
         completion_hidden_states(model, input_ids[0], attention_mask, 2)
     with pytest.raises(TypeError, match="model"):
         completion_hidden_states(model.model, input_ids, attention_mask, 2)
+    head = model.lm_head
+    model.lm_head = torch.nn.Module()
+    model.lm_head.base_layer, model.lm_head.weight = head, head.weight  # shaped like a PEFT LoRA layer
+    with pytest.raises(ValueError, match="adapters"):
+        lm_head_params(model)
+    model.lm_head = head
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         lm_head_params(model)
