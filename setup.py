@@ -34,5 +34,9 @@ setup(
         "bench": ["matplotlib", "tqdm", "psutil", "liger-kernel", "cut-cross-entropy"],
         "integrations": ["trl>=1.16,<1.17"],  # rpg_kernels.integrations.trl overrides GRPOTrainer internals
     },
-    entry_points={"console_scripts": ["rpg-train=rpg_train.__main__:main"]},
+    entry_points={
+        "console_scripts": ["rpg-train=rpg_train.__main__:main"],
+        # verl >= 0.9 imports these on `import verl`: registers the rpg / rpg_reinforce policy losses
+        "verl.plugins": ["rpg_kernels = rpg_kernels.integrations.verl"],
+    },
 )
