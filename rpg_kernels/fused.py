@@ -112,7 +112,9 @@ def fused_linear_logprobs(
         targets: integer ``hidden.shape[:-1]``, in ``[0, V)`` or ``ignore_index`` (logprob 0, entropy 0,
             no gradient).
         return_entropy: also return ``entropy = lse - sum(softmax(z) * z)`` (differentiable).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``; deterministic: Triton backward without atomics.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        deterministic: Triton backward without atomics (``"gemm"`` method of
+            `rpg_kernels.ops.linear_logprobs_backward`); False: the single atomic kernel.
 
     Returns:
         ``logprobs`` shaped like ``targets`` (fp32), or ``(logprobs, entropy)``.

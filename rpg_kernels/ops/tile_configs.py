@@ -50,52 +50,33 @@ INTERPRETER = TileConfig(block_n=32, block_v=64, block_h=32, num_warps=4, num_st
 
 # fp16/bf16 operands: tensor-core tiles. Checked spill-free with ptxas for aligned shapes (H, strides
 # multiples of 16, as in every LLM); odd H makes Triton drop its vectorised loads (still correct).
+# Two candidates for the kernels on the default path (forward, backward_dz), one for the others.
 _TENSOR_CORE = {
     80: {
         "forward": (
             TileConfig(64, 128, 32, num_warps=4, num_stages=3),
             TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-            TileConfig(64, 256, 64, num_warps=8, num_stages=3),
         ),
         "backward_dz": (
             TileConfig(64, 128, 32, num_warps=4, num_stages=3),
             TileConfig(128, 128, 64, num_warps=8, num_stages=3),
         ),
-        "backward_dh": (
-            TileConfig(64, 128, 32, num_warps=8, num_stages=3),
-            TileConfig(128, 64, 32, num_warps=8, num_stages=3),
-        ),
-        "backward_dw": (
-            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-            TileConfig(128, 64, 64, num_warps=8, num_stages=3),
-        ),
-        "backward_atomic": (
-            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-            TileConfig(128, 64, 32, num_warps=8, num_stages=3),
-        ),
+        "backward_dh": (TileConfig(64, 128, 32, num_warps=8, num_stages=3),),
+        "backward_dw": (TileConfig(128, 64, 64, num_warps=8, num_stages=3),),
+        "backward_atomic": (TileConfig(64, 64, 64, num_warps=4, num_stages=3),),
     },
     90: {
         "forward": (
             TileConfig(64, 128, 64, num_warps=4, num_stages=3),
             TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-            TileConfig(64, 256, 64, num_warps=8, num_stages=3),
         ),
         "backward_dz": (
             TileConfig(64, 128, 64, num_warps=4, num_stages=3),
             TileConfig(128, 128, 64, num_warps=8, num_stages=3),
         ),
-        "backward_dh": (
-            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-            TileConfig(64, 128, 64, num_warps=8, num_stages=3),
-        ),
-        "backward_dw": (
-            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-            TileConfig(128, 64, 64, num_warps=8, num_stages=3),
-        ),
-        "backward_atomic": (
-            TileConfig(64, 64, 64, num_warps=4, num_stages=3),
-            TileConfig(128, 64, 64, num_warps=8, num_stages=3),
-        ),
+        "backward_dh": (TileConfig(64, 128, 64, num_warps=8, num_stages=3),),
+        "backward_dw": (TileConfig(128, 64, 64, num_warps=8, num_stages=3),),
+        "backward_atomic": (TileConfig(128, 64, 64, num_warps=8, num_stages=3),),
     },
 }
 

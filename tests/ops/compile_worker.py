@@ -6,8 +6,9 @@ Run by ``test_compile.py`` in a subprocess WITHOUT ``TRITON_INTERPRET`` (under t
 What "every configuration" means here: each kernel of ``linear_logprobs_forward`` and
 ``linear_logprobs_backward`` x each operand dtype (fp16, bf16, fp32) x each constexpr flag x each
 entry of its autotune set (``tile_configs.configs_for``), specialised as PyTorch launches it on LLM
-shapes (16-byte aligned pointers; ``H`` and row strides multiples of 16). Plus, per kernel and dtype
-class, the first config without the integer hints (odd ``H``), which is correct but not tuned.
+shapes (16-byte aligned pointers; ``H`` and row strides multiples of 16). Plus, for the default-path
+kernels (forward, backward_dz) and each dtype class, the first config without the integer hints
+(odd ``H``): correct but not tuned.
 """
 
 import json
@@ -27,7 +28,8 @@ def cases(cc: int):
         for index, cfg in enumerate(configs_for(family, cc, dtype_class(dtype))):
             yield family, kernel, types, constexprs, dtype, cfg, True
             key = (family, dtype_class(dtype))
-            if index == 0 and key not in unaligned_done and dtype != "fp16":
+            default_path = family in ("forward", "backward_dz")
+            if default_path and index == 0 and key not in unaligned_done and dtype != "fp16":
                 unaligned_done.add(key)
                 yield family, kernel, types, constexprs, dtype, cfg, False
 

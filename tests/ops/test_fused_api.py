@@ -202,3 +202,18 @@ def test_bad_inputs_raise_naming_the_argument(case):
             rk.fused_linear_logprobs(args["hidden"], args["weight"], args["targets"], bias=args["bias"],
                                      temperature=args["temperature"], backend=args["backend"],
                                      ignore_index=args["ignore_index"])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or the Triton interpreter")
+def test_atomic_backward_through_the_public_api():
+    batch = make_batch(16)
+    results = []
+    for deterministic in (True, False):
+        h, w, b = leaves(batch)
+        loss, _ = rk.fused_linear_rpg_loss(h, w, batch["targets"], batch["old"], batch["adv"], batch["mask"],
+                                           bias=b, entropy_coef=0.05, backend="triton",
+                                           deterministic=deterministic)
+        loss.backward()
+        results.append((loss, h.grad, w.grad, b.grad))
+    for name, a, b in zip(("loss", "hidden", "weight", "bias"), *results):
+        assert_close(name, a, b, 1e-5, scale=1e-6)
