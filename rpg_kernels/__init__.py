@@ -5,7 +5,8 @@ Public API (SPEC §7)::
     import rpg_kernels as rk
     cfg = rk.LossConfig.preset("rpg_reinforce", kl="urkl")
     loss, metrics = rk.rpg_loss(logprobs, old_logprobs, advantages, mask, config=cfg)
-    loss, metrics = rk.fused_linear_rpg_loss(hidden, weight, targets, old_logprobs, advantages, mask, config=cfg)
+    loss, metrics = rk.fused_linear_rpg_loss(hidden, weight, targets, old_logprobs, advantages, mask,
+                                             config=cfg)
 
 Names are imported lazily so that ``import rpg_kernels`` does not import Triton.
 """
