@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the progress bar readable (per-sync logs)
+
     if not torch.cuda.is_available():  # vLLM on CPU: engine in this process, small KV cache (unless set)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -33,7 +33,7 @@ class DataConfig:
     prompt_key: str | None = None  # None = detect the schema (see rpg_train.data)
     answer_key: str | None = None
     chat_template: bool = False
-    reward: str = "math_verify"  # rpg_train.rewards.make_reward_fn name
+    reward: str = "math"  # rpg_train.rewards.make_reward_fn name
     overlong_buffer: int = 0  # DAPO soft overlong penalty length (0 = off)
     tiny_seed: int | None = None  # seed of the generated tiny model/task; None = train.seed
 
@@ -113,7 +113,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 
 _PAPER_MATH = {  # RPG paper, Qwen-2.5 math runs (DAPO-Math-17k): GPU, user-given model/data paths
-    "data": {"reward": "math_verify", "chat_template": True, "overlong_buffer": 0},
+    "data": {"reward": "math", "chat_template": True, "overlong_buffer": 0},
     "rollout": {"backend": "vllm", "group_size": 16, "max_tokens": 4096, "max_model_len": 8192},
     "algo": {
         "loss": "rpg_reinforce",

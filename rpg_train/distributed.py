@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 
 
+_OWN_GROUP = False  # whether setup() initialised the default process group
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -42,14 +45,19 @@ def setup(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    global _OWN_GROUP
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _OWN_GROUP = True
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    """Destroy the process group if :func:`setup` created it (an in-process vLLM may hold its own)."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 def all_reduce_sum(value: float | torch.Tensor, info: DistInfo) -> float:

@@ -280,8 +280,9 @@ def update_policy(
         if distributed.broadcast_flag(not (finite and bool(torch.isfinite(grad_norm))), info):
             optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
-                f"non-finite {'loss' if not finite else 'gradient norm'} (loss {float(loss):.4g}, grad norm "
-                f"{float(grad_norm):.4g}); the update was not applied. Lower optim.lr or check the data."
+                f"non-finite {'loss' if not finite else 'gradient norm'} (loss {float(loss.detach()):.4g}, "
+                f"grad norm {float(grad_norm):.4g}); the update was not applied."
+                " Lower optim.lr or check the data."
             )
         optimizer.step()
         scheduler.step()
@@ -386,6 +387,7 @@ def train(cfg: Config, *, resume: bool = False, engine=None) -> dict[str, Any]:
             max_model_len=cfg.rollout.max_model_len,
             seed=cfg.train.seed + info.rank,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            model=model,  # the hf engine samples with the trainer's module itself; vLLM loads model_dir
         )
     if start_step > 0:
         engine.sync_weights(model)

@@ -1,0 +1,88 @@
+"""The tiny demo end to end with real vLLM (CPU) rollouts, and (slow) its reward criterion on three seeds."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from rpg_train import checkpoint  # noqa: E402
+from rpg_train.config import build_config  # noqa: E402
+from rpg_train.metrics import read_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("vllm")
+
+
+@pytest.mark.timeout(420)
+def test_tiny_demo_with_vllm_writes_metrics_checkpoint_plot(tmp_path):
+    from rpg_train.train import train
+
+    cfg = build_config(
+        "tiny",
+        overrides=[
+            "rollout.backend=vllm",
+            "train.steps=3",
+            "train.eval_every=3",
+            "train.checkpoint_every=2",
+            "train.progress=false",
+            f"train.out_dir={tmp_path}",
+        ],
+    )
+    summary = train(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for record in steps:
+        assert 0.0 <= record["reward"] <= 1.0 and 0.0 <= record["accuracy"] <= 1.0
+        assert record["response_length"] >= 1 and record["tokens_per_s"] > 0
+        for key in ("kl", "clip_frac", "entropy", "loss", "grad_norm"):
+            assert isinstance(record[key], float), key
+    evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
+    assert len(evals) == 2 and all(0.0 <= e <= 1.0 for e in evals)  # before training and at step 3
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000002.pt", "step-00000003.pt"]
+    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
+    assert state["step"] == 3 and {"model", "optimizer", "scheduler", "reference", "ranks"} <= set(state)
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+    assert (tmp_path / "config.yaml").is_file() and summary["steps"] == 3
+
+
+def run_demo(seed: int, out: Path) -> tuple[dict, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rpg_train",
+            "--preset",
+            "tiny",
+            "--set",
+            f"train.seed={seed}",
+            "--set",
+            "train.progress=false",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text()), time.perf_counter() - start
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiny_demo_reward_rises_by_0_3_within_15_minutes(tmp_path, seed):
+    summary, wall = run_demo(seed, tmp_path / f"seed{seed}")
+    print(f"seed {seed}: {summary} wall {wall:.0f}s")
+    assert wall < 15 * 60
+    assert summary["reward_last"] - summary["reward_first"] >= 0.3, summary
