@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 _OWN_GROUP = False  # whether setup() initialised the default process group
 
 
