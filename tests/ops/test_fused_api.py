@@ -217,3 +217,12 @@ def test_atomic_backward_through_the_public_api():
         results.append((loss, h.grad, w.grad, b.grad))
     for name, a, b in zip(("loss", "hidden", "weight", "bias"), *results):
         assert_close(name, a, b, 1e-5, scale=1e-6)
+
+
+def test_tensors_on_different_devices_raise():
+    batch = make_batch(17)
+    with pytest.raises(ValueError, match="targets"):
+        rk.fused_linear_logprobs(batch["hidden"], batch["weight"], batch["targets"].to("meta"))
+    with pytest.raises(ValueError, match="old_logprobs|advantages|mask"):
+        rk.fused_linear_rpg_loss(batch["hidden"], batch["weight"], batch["targets"], batch["old"].to("meta"),
+                                 batch["adv"], batch["mask"])
