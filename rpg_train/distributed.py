@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,3 +101,12 @@ def barrier(info: DistInfo) -> None:
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a non-finite loss somewhere)."""
     return reduce_max(1.0 if flag else 0.0, info) > 0
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` is ignored on the other ranks)."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -46,17 +46,18 @@ class Assets:
     reward_name: str
 
 
-def resolve_assets(cfg: Config, rank: int) -> Assets:
+def resolve_assets(cfg: Config, info: distributed.DistInfo) -> Assets:
     """The run's model/data: user paths (checked; errors name the field) or the tiny generated ones."""
     if cfg.model.path is None:
         from rpg_train.tiny import build_tiny_assets
 
-        # every rank builds its own copy (deterministic in the seed) to avoid write races
-        tiny = build_tiny_assets(
-            Path(cfg.train.out_dir) / "tiny" / f"rank{rank}",
-            seed=cfg.train.seed if cfg.data.tiny_seed is None else cfg.data.tiny_seed,
-        )
-        return Assets(Path(tiny.model_dir), Path(tiny.train_file), Path(tiny.eval_file), tiny.reward_name)
+        # rank 0 writes them (transformers saves on the main process only), the others read its copy
+        tiny = None
+        if info.is_main:
+            seed = cfg.train.seed if cfg.data.tiny_seed is None else cfg.data.tiny_seed
+            tiny = build_tiny_assets(Path(cfg.train.out_dir) / "tiny", seed=seed)
+            tiny = Assets(Path(tiny.model_dir), Path(tiny.train_file), Path(tiny.eval_file), tiny.reward_name)
+        return distributed.broadcast_object(tiny, info)
     for field, value in (
         ("model.path", cfg.model.path),
         ("data.train_file", cfg.data.train_file),
@@ -306,7 +307,7 @@ def train(cfg: Config, *, resume: bool = False, engine=None) -> dict[str, Any]:
 
     from rpg_train.data import load_prompts, shard
     from rpg_train.rewards import make_reward_fn
-    from rpg_train.rollout import make_rollout_engine
+    from rpg_train.rollout import VLLMEngine, make_rollout_engine
 
     # ---- set-up: ranks, seeds, output folder --------------------------------------------------------
     info = distributed.setup(cfg.train.device)
@@ -327,7 +328,7 @@ def train(cfg: Config, *, resume: bool = False, engine=None) -> dict[str, Any]:
     backend = cfg.algo.loss_backend if cfg.algo.loss_backend != "auto" else ("triton" if on_gpu else "torch")
 
     # ---- model, tokenizer, data, reward --------------------------------------------------------------
-    assets = resolve_assets(cfg, info.rank)
+    assets = resolve_assets(cfg, info)
     tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=dtype).to(device)
@@ -557,5 +558,6 @@ def train(cfg: Config, *, resume: bool = False, engine=None) -> dict[str, Any]:
                 for k, v in summary.items()
             )
         )
-    distributed.teardown()
+    if not isinstance(engine, VLLMEngine):  # vLLM tears the process groups down itself at exit
+        distributed.teardown()
     return summary
