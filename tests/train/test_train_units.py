@@ -158,3 +158,27 @@ def test_metrics_log_resume_plot_and_summary(tmp_path):
     summary = summarize([{"step": s, "reward": s / 10} for s in range(1, 21)])
     assert summary["reward_first"] == pytest.approx(0.15) and summary["reward_last"] == pytest.approx(1.95)
     assert plot_metrics(records, tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_missing_model_or_data_path_names_the_field(tmp_path):
+    from rpg_train.train import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1 max 2 =", "answer": "2"}\n')
+    for overrides, field in [
+        ([f"model.path={tmp_path / 'no-model'}", f"data.train_file={data}"], "model.path"),
+        ([f"model.path={tmp_path}", f"data.train_file={tmp_path / 'no.jsonl'}"], "data.train_file"),
+        (
+            [
+                f"model.path={tmp_path}",
+                f"data.train_file={data}",
+                f"data.eval_file={tmp_path / 'no-eval.jsonl'}",
+            ],
+            "data.eval_file",
+        ),
+    ]:
+        cfg = build_config(
+            "rpg", overrides=[*overrides, f"train.out_dir={tmp_path / 'run'}", "train.device=cpu"]
+        )
+        with pytest.raises(FileNotFoundError, match=rf"{field}: path does not exist: .*no"):
+            train(cfg)
