@@ -231,6 +231,15 @@ class VLLMEngine:
             self.llm.wake_up()
             self.sleeping = False
 
+    def close(self) -> None:
+        """Shut the engine down now. vLLM then also destroys the torch.distributed groups it set up or
+        joined (the default group included), so call this last, before any ``destroy_process_group``
+        guarded by ``torch.distributed.is_initialized()``; without it vLLM shuts down at interpreter exit
+        and fails noisily if the default group was destroyed first."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
 
 # ---------------------------------------------------------------------------------------------------------
 # transformers.generate fallback
@@ -331,6 +340,9 @@ class HFEngine:
         pass
 
     def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

@@ -61,7 +61,10 @@ def check_completions(engine, completions, n, max_tokens):
 @pytest.fixture(scope="module")
 def vllm_engine(assets):
     pytest.importorskip("vllm")
-    return make_rollout_engine(assets.model_dir, backend="vllm", max_model_len=assets.max_model_len, seed=0)
+    engine = make_rollout_engine(assets.model_dir, backend="vllm", max_model_len=assets.max_model_len, seed=0)
+    yield engine
+    engine.close()  # also tears down the torch.distributed group vLLM set up in this process
+    assert engine.llm is None and not torch.distributed.is_initialized()
 
 
 def test_vllm_generate(vllm_engine, assets):
