@@ -182,3 +182,48 @@ def test_missing_model_or_data_path_names_the_field(tmp_path):
         )
         with pytest.raises(FileNotFoundError, match=rf"{field}: path does not exist: .*no"):
             train(cfg)
+
+
+def test_dynamic_sampling_drops_all_equal_groups_and_refills():
+    from types import SimpleNamespace
+
+    from rpg_train.train import PromptSampler, collect_rollouts
+
+    class ScriptedEngine:
+        """Prompt k's completions are "k" or "x": answer "k" gives reward 1, so mixed groups have spread."""
+
+        def generate(self, prompt_token_ids, n, max_tokens, temperature, seed):
+            out = []
+            for ids in prompt_token_ids:
+                k = ids[0]
+                texts = [str(k)] * n if k % 3 == 0 else ["x"] * n if k % 3 == 1 else [str(k), "x"] * (n // 2)
+                out.append([SimpleNamespace(token_ids=[7], text=t) for t in texts])
+            return out
+
+    def reward_fn(texts, answers, *, lengths, max_len):
+        return [float(t == a) for t, a in zip(texts, answers)]
+
+    prompts = [SimpleNamespace(token_ids=[k], answer=str(k)) for k in range(30)]
+    cfg = build_config(
+        "tiny",
+        overrides=[
+            "rollout.group_size=4",
+            "algo.dynamic_sampling=true",
+            "algo.dynamic_sampling_max_tries=20",
+        ],
+    )
+    sampler = PromptSampler(prompts, seed=0, rank=0)
+    rollouts, stats = collect_rollouts(ScriptedEngine(), sampler, reward_fn, cfg, num_groups=4, seed=0)
+    groups = rollouts.rewards.view(4, 4)
+    assert (groups.max(1).values > groups.min(1).values).all()  # only groups with a reward spread
+    assert stats["dynamic_sampling_kept"] == 1.0 and sampler.position > 4  # it had to refill
+    cfg.algo.dynamic_sampling_max_tries = 0  # no refill: all-equal groups fill the gap, and the stat says so
+    rollouts, stats = collect_rollouts(
+        ScriptedEngine(), PromptSampler(prompts, 0, 0), reward_fn, cfg, 6, seed=0
+    )
+    assert len(rollouts.rewards) == 24 and stats["dynamic_sampling_kept"] < 1.0
+    cfg.algo.dynamic_sampling = False
+    rollouts, stats = collect_rollouts(
+        ScriptedEngine(), PromptSampler(prompts, 0, 0), reward_fn, cfg, 6, seed=0
+    )
+    assert len(rollouts.rewards) == 24 and stats == {}
