@@ -12,10 +12,13 @@ more token, 0 otherwise.
 Chance level: a randomly initialised model samples close to uniformly over the 18-token vocabulary, so
 its mean reward is about 0.03 (right digit 1/18, then credit 1 or 1/2); a policy that has learnt the task
 scores 1. The answer is always one of the prompt's digits, so a transformer with tied embeddings can learn
-it from reward alone (attend to the larger operand, copy it). Check: REINFORCE with a group-mean baseline
-on this model (no SFT), 32 prompts x 8 samples per step, AdamW lr 1e-3, 150 steps: mean reward of the
-first 10% of steps 0.11-0.15, of the last 10% 0.56-0.63 (seeds 0, 1, 2). With max and min mixed, the
-same run stalled at ~0.25 for one seed of two, so the default is max alone.
+it from reward alone (attend to the larger operand, copy it).
+
+Learnability check (plain REINFORCE, group-mean baseline, no SFT, AdamW, 32 prompts x 8 samples per step,
+``max_tokens=2``, vLLM CPU rollouts synced every step, 2 shared CPU cores): with lr 1e-3, mean reward of the
+first 10% of 100 steps 0.10-0.15, of the last 10% 0.83-0.95 (seeds 0, 1, 2; 3-4 minutes each). With lr 3e-3
+it rose as fast but plateaued near 0.67 and dipped late. Mixing "max" and "min" learnt more slowly (the same
+loop, 300 steps: last-10% reward 0.32 and 0.44, answer-digit accuracy 0.5-0.65), so the default is "max".
 
 Everything is deterministic given ``seed``: the model weights, the train/eval split and the file contents.
 """
