@@ -131,6 +131,9 @@ class VLLMEngine:
     On CUDA: sleep mode enabled and ``gpu_memory_utilization`` of the device reserved. When
     ``torch.distributed`` is initialised with several ranks, vLLM joins it as an external launcher (each
     rank runs its own engine on its own prompts). Extra keyword arguments go to ``vllm.LLM``.
+    Without an initialised ``torch.distributed``, vLLM sets up a one-rank (gloo on CPU) default process group
+    in this process, so ``torch.distributed.is_initialized()`` turns True once the engine exists: decide
+    whether the run is distributed before creating the engine. ``close()`` removes that group again.
     """
 
     def __init__(
