@@ -143,7 +143,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"reward": "exact_match"},
         "rollout": {"backend": "auto", "group_size": 8, "max_tokens": 2, "max_model_len": 64},
         "algo": {"loss": "rpg_reinforce", "advantage": "rpg", "loss_overrides": {}},
-        "optim": {"lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0, "warmup_steps": 2},
+        "optim": {"lr": 2e-3, "weight_decay": 0.0, "grad_clip": 1.0, "warmup_steps": 2},
         "train": {
             "steps": 100,
             "prompts_per_step": 32,
