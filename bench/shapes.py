@@ -16,6 +16,7 @@ PRESETS: dict[str, tuple[int, int]] = {
     "llama-3-8b": (4096, 128256),
     "qwen3-4b": (2560, 151936),
     "tiny": (512, 32768),  # the CPU target shape (with N = 8192)
+    "tiny-lc": (128, 32768),  # CPU long-context probes: logits memory as "tiny", 4x cheaper steps
     "micro": (32, 256),  # for the harness's own tests
 }
 GPU_PRESETS = ("qwen2.5-7b", "llama-3-8b", "qwen3-4b")

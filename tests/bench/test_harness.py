@@ -176,3 +176,31 @@ def test_cli_writes_json_markdown_and_plots_and_survives_failures(tmp_path):
     assert "deliberate failure" in markdown and "| naive | micro | 128 |" in markdown
     png = tmp_path / "loss-micro.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_long_context_search_in_process(tmp_path):
+    main(
+        [
+            "--suite",
+            "long-context",
+            "--shapes",
+            "micro:64",
+            "--methods",
+            "naive",
+            plugin("skipper"),
+            "--budget-gib",
+            "0.05",
+            "--max-tokens",
+            "256",
+            "--in-process",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    naive, skipped = rows
+    assert naive["status"] == "ok" and naive["capped"] and naive["max_n"] == 256
+    assert [p["n"] for p in naive["probes"]] == [64, 128, 256]
+    assert skipped["status"] == "skipped" and skipped["reason"] == "deliberately skipped"
+    assert "≥ 256 (cap)" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "long-context.png").exists()
