@@ -23,8 +23,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m rpg_train --preset tiny
 
+# everything that needs no GPU, the slow end-to-end checks included (the demo's 3-seed reward criterion)
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -m "not gpu" tests
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .
