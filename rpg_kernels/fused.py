@@ -28,7 +28,9 @@ from rpg_kernels.checks import (
 )
 from rpg_kernels.config import LossConfig
 from rpg_kernels.loss import loss_and_logprob_grads, validate_loss_inputs
+from rpg_kernels.loss.streaming import StreamingLoss, supports_streaming
 from rpg_kernels.ops.autograd import LinearLogprobs, PrecomputedGrads, backward_op, forward_op
+from rpg_kernels.ops.chunked import chunked_forward_backward, compute_dtype, single_pass_fits
 from rpg_kernels.ops.dispatch import resolve_backend
 
 __all__ = ["fused_linear_logprobs", "fused_linear_rpg_loss"]
@@ -149,12 +151,17 @@ def fused_linear_rpg_loss(
     backend: str = "auto",
     deterministic: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``rpg_loss(fused_linear_logprobs(hidden, weight, targets, ...), old_logprobs, ...)`` in two passes.
+    """``rpg_loss(fused_linear_logprobs(hidden, weight, targets, ...), old_logprobs, ...)``, grads included.
 
-    Pass 1 computes per-token log-probs and entropies; ``loss_and_logprob_grads`` turns them into the
-    loss, the metrics and the per-token grads ``g_l``, ``g_H``; if any of ``hidden``, ``weight``,
-    ``bias`` requires grad, pass 2 computes their grads right away (SPEC §6) and ``loss.backward()``
-    only scales them. The per-token tensors are ``hidden.shape[:-1]`` (``advantages`` may be ``[B]``).
+    The input grads are computed inside this call (the loss is a scalar, so its upstream grad is known)
+    and ``loss.backward()`` only scales them. Two passes over the logits in general: pass 1 computes
+    per-token log-probs and entropies, ``loss_and_logprob_grads`` turns them into the loss, the metrics
+    and the per-token grads ``g_l``, ``g_H``, and pass 2 the grads of ``hidden``, ``weight``, ``bias``
+    (SPEC §6). On the torch backend, for token-level algos (all but ``gspo``) and vocabularies that fit
+    a chunk row, one pass: each token chunk's logits give its log-probs, loss grads and input grads at
+    once (`rpg_kernels.loss.streaming`).
+
+    The per-token tensors are ``hidden.shape[:-1]`` (``advantages`` may be ``[B]``).
     Returns ``(loss 0-d, metrics)`` as `rpg_kernels.rpg_loss` does (``metrics["entropy"]`` included).
     """
     config = LossConfig() if config is None else config
@@ -173,25 +180,38 @@ def fused_linear_rpg_loss(
         hidden, weight, targets, bias, temperature, ignore_index, backend
     )
     check_same_device(hidden=h, old_logprobs=old_logprobs)
-    lead_shape = targets.shape
     need = (h.requires_grad, w.requires_grad, b is not None and b.requires_grad)
     need = need if torch.is_grad_enabled() else (False, False, False)
+    single_pass = backend == "torch" and any(need) and supports_streaming(config)
+    single_pass = single_pass and single_pass_fits(y.shape[0], w.shape[0])
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-        logprob, lse, entropy = forward_op(backend, h, w, b, y, temperature, ignore_index, True)
-        loss, grad_logprob, grad_entropy, metrics = loss_and_logprob_grads(
-            logprob.reshape(lead_shape), old_logprobs, advantages, mask, ref_logprobs, config, num_items,
-            entropy=entropy.reshape(lead_shape), entropy_coef=float(entropy_coef), backend=backend,
-        )
-        grads = (None, None, None)
-        if any(need):
-            grad_entropy = grad_entropy.reshape(-1) if entropy_coef != 0.0 else None
-            grads = backward_op(backend, h, w, b, y, lse, entropy, grad_logprob.reshape(-1), grad_entropy,
-                                temperature, ignore_index, need, deterministic)
+        if single_pass:
+            stream = StreamingLoss(compute_dtype(h.dtype), old_logprobs, advantages, mask, ref_logprobs,
+                                   config, num_items, float(entropy_coef))
+            _, _, grads = chunked_forward_backward(h, w, b, y, stream.token_grads, temperature, ignore_index,
+                                                   need)
+            loss, metrics = stream.finish()
+        else:
+            logprob, lse, entropy = forward_op(backend, h, w, b, y, temperature, ignore_index, True)
+            loss, grad_logprob, grad_entropy, metrics = loss_and_logprob_grads(
+                logprob.reshape(targets.shape), old_logprobs, advantages, mask, ref_logprobs, config,
+                num_items, entropy=entropy.reshape(targets.shape), entropy_coef=float(entropy_coef),
+                backend=backend,
+            )
+            if any(need):
+                grad_entropy = grad_entropy.reshape(-1) if entropy_coef != 0.0 else None
+                grads = backward_op(backend, h, w, b, y, lse, entropy, grad_logprob.reshape(-1), grad_entropy,
+                                    temperature, ignore_index, need, deterministic)
     if not any(need):
         return loss, metrics
-    # Grads go to the caller's tensors, in their shapes and dtypes (undoing any autocast/promotion cast).
+    return PrecomputedGrads.apply(loss, hidden, weight, bias, *_to_callers(grads, hidden, weight)), metrics
+
+
+def _to_callers(
+    grads: tuple[Tensor | None, ...], hidden: Tensor, weight: Tensor
+) -> tuple[Tensor | None, ...]:
+    """``(dh, dW, db)`` in the caller's shapes and dtypes (undoing any autocast/promotion cast)."""
     grad_h, grad_w, grad_b = grads
     grad_h = grad_h.reshape(hidden.shape).to(hidden.dtype) if grad_h is not None else None
     grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-    loss = PrecomputedGrads.apply(loss, hidden, weight, bias, grad_h, grad_w, grad_b)
-    return loss, metrics
+    return grad_h, grad_w, grad_b

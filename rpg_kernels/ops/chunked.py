@@ -5,19 +5,31 @@ one ``[token_chunk, vocab_chunk]`` block at a time (``chunk_elements`` elements,
 workspace does not grow with ``N * V``; a token chunk costs one matmul per vocabulary chunk (a single
 one unless ``V`` is huge). Accumulation is fp32 (fp64 for fp64 inputs, which ``gradcheck`` uses).
 
-Per token, with running max ``m`` over the vocabulary chunks (SPEC §6)::
+Per token (SPEC §6)::
 
-    lse = m + log(sum exp(z - m)),  logprob = z[y] - lse,  entropy = -sum p * log p
+    lse = log sum exp(z),  logprob = z[y] - lse,  entropy = -sum p * log p
     dz  = g_l * (onehot(y) - p) - g_H * p * (log p + entropy)
     dh  = dz @ W / T,  dW = dz.T @ h / T,  db = sum_n dz / T
+
+Three entry points: `chunked_forward` (per-token outputs), `chunked_backward` (recomputes the logits
+from the saved ``lse``), and `chunked_forward_backward`, the single pass the fused loss uses when a
+whole vocabulary row fits in a chunk: each token chunk's logits are computed once, its per-token
+upstream grads come from a callback as soon as its log-probs exist, and the gradients follow from the
+same block (6 N H V flops instead of 8).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 MIN_TOKENS_PER_CHUNK = 64
+
+# (rows of this token chunk, logprob [n], entropy [n]) -> (g_l [n], g_H [n] | None)
+TokenGrads = Callable[[slice, Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,29 +45,122 @@ def chunk_sizes(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_E
     return token_chunk, vocab_chunk
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inv_t: float) -> torch.Tensor:
-    z = h @ weight.T
-    if bias is not None:
-        z += bias
-    return z.mul_(inv_t)
+def single_pass_fits(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> bool:
+    """Whether `chunked_forward_backward` can run: a whole vocabulary row fits in one chunk."""
+    return chunk_sizes(n_tokens, vocab, chunk_elements)[1] == vocab
+
+
+class _Head:
+    """The LM head in the accumulation dtype with ``1/T`` folded into the small operands:
+    ``logits(h, cols) = (h/T) @ W[cols].T + b[cols]/T``."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, temperature: float, acc: torch.dtype):
+        self.inv_t = 1.0 / temperature
+        self.weight = weight.to(acc)
+        self.bias = bias.to(acc) * self.inv_t if bias is not None else None
+
+    def logits(self, h: Tensor, cols: slice) -> Tensor:
+        h_scaled = h * self.inv_t if self.inv_t != 1.0 else h
+        if self.bias is None:
+            return h_scaled @ self.weight[cols].T
+        return torch.addmm(self.bias[cols], h_scaled, self.weight[cols].T)
+
+
+def _log_softmax_(z: Tensor) -> tuple[Tensor, Tensor]:
+    """In place, ``z [n, v]`` becomes ``log softmax(z)``; returns ``(softmax [n, v], lse [n])``."""
+    row_max = z.amax(dim=1, keepdim=True)
+    z.sub_(row_max)
+    p = torch.exp(z)
+    sumexp = p.sum(dim=1, keepdim=True)
+    log_sumexp = sumexp.log()
+    z.sub_(log_sumexp)
+    p.div_(sumexp)
+    return p, (row_max + log_sumexp)[:, 0]
+
+
+def _logsumexp_(z: Tensor) -> Tensor:
+    """``log sum exp(z)`` per row of ``z [n, v]``, using ``z`` as scratch (faster than torch.logsumexp)."""
+    row_max = z.amax(dim=1, keepdim=True)
+    return (row_max + z.sub_(row_max).exp_().sum(dim=1, keepdim=True).log_())[:, 0]
+
+
+def _entropy(p: Tensor, log_p: Tensor) -> Tensor:
+    """``-sum p * log p`` per row."""
+    return (p * log_p).sum(dim=1).neg_()
+
+
+def _target_logits(z: Tensor, y: Tensor, v0: int) -> Tensor:
+    """``z[n, y_n - v0]`` where ``y_n`` falls in this vocabulary chunk, else 0."""
+    in_chunk = (y >= v0) & (y < v0 + z.shape[1])
+    picked = z.gather(1, (y - v0).clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    return torch.where(in_chunk, picked, 0.0)
+
+
+def _logit_grads_(
+    p: Tensor, log_p: Tensor | None, y: Tensor, v0: int, g_l: Tensor, g_h: Tensor | None,
+    entropy: Tensor | None, inv_t: float,
+) -> Tensor:
+    """``dz / T`` of the module docstring for one block, written over ``p`` (or ``log_p`` with entropy).
+
+    ``p``, ``log_p`` ``[n, v]`` are the block's softmax and log-softmax; ``g_l``, ``g_h``, ``entropy``
+    ``[n]``. Returns the block gradient ``[n, v]`` (a buffer of the inputs, reused).
+    """
+    if g_h is None:
+        dz = p.mul_((g_l * -inv_t)[:, None])
+    else:
+        dz = log_p.add_(entropy[:, None]).mul_((g_h * -inv_t)[:, None]).add_((g_l * -inv_t)[:, None])
+        dz.mul_(p)
+    in_chunk = (y >= v0) & (y < v0 + dz.shape[1])
+    rows = in_chunk.nonzero()[:, 0]
+    dz[rows, y[rows] - v0] += g_l[rows] * inv_t
+    return dz
+
+
+class _GradAccumulator:
+    """``dh [N, H]``, ``dW [V, H]``, ``db [V]`` in the accumulation dtype, filled block by block."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype,
+                 need: tuple[bool, bool, bool]):
+        need_hidden, need_weight, need_bias = need
+        self.dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+        self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        make_db = need_bias and bias is not None
+        self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if make_db else None
+        self.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+
+    def add(self, dz: Tensor, h: Tensor, w: Tensor, rows: slice, cols: slice) -> None:
+        """Adds the block ``dz [n, v]`` (already divided by T) for hidden rows ``h`` and weight rows ``w``."""
+        if self.dh is not None:
+            self.dh[rows].addmm_(dz, w)
+        if self.dw is not None:
+            self.dw[cols].addmm_(dz.T, h)
+        if self.db is not None:
+            self.db[cols] += dz.sum(dim=0)
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(dh, dW, db)`` in the input dtypes (None where not needed)."""
+        return tuple(None if g is None else g.to(dtype) for g, dtype in zip((self.dh, self.dw, self.db),
+                                                                           self.dtypes))
 
 
 def chunked_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
     temperature: float = 1.0,
     ignore_index: int = -100,
     with_entropy: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token ``(logprob, lse, entropy | None)`` ``[N]`` in the accumulation dtype (see module doc)."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-token ``(logprob, lse, entropy | None)`` ``[N]`` in the accumulation dtype (see module doc).
+
+    Vocabulary chunks ``c`` are merged at the end: ``lse = logsumexp_c lse_c`` and, with
+    ``a_c = exp(lse_c - lse)``, ``entropy = sum_c a_c * (entropy_c + lse - lse_c)``.
+    """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = compute_dtype(hidden.dtype)
-    inv_t = 1.0 / temperature
-    weight_acc = weight.to(acc)
-    bias_acc = bias.to(acc) if bias is not None else None
+    head = _Head(weight, bias, temperature, acc)
     token_chunk, vocab_chunk = chunk_sizes(n_tokens, vocab, chunk_elements)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
@@ -64,34 +169,26 @@ def chunked_forward(
     lse = torch.empty_like(logprob)
     entropy = torch.empty_like(logprob) if with_entropy else None
     for n0 in range(0, n_tokens, token_chunk):
-        h = hidden[n0 : n0 + token_chunk].to(acc)
-        y = safe_targets[n0 : n0 + token_chunk]
-        run_max = torch.full((h.shape[0],), float("-inf"), dtype=acc, device=h.device)
-        sumexp = torch.zeros_like(run_max)
-        tsum = torch.zeros_like(run_max)  # sum exp(z - m) * (z - m)
-        target_logit = torch.zeros_like(run_max)
+        rows = slice(n0, n0 + token_chunk)
+        h, y = hidden[rows].to(acc), safe_targets[rows]
+        target_logit = torch.zeros(h.shape[0], dtype=acc, device=h.device)
+        chunk_lse, chunk_entropy = [], []
         for v0 in range(0, vocab, vocab_chunk):
-            b = bias_acc[v0 : v0 + vocab_chunk] if bias_acc is not None else None
-            z = _logits(h, weight_acc[v0 : v0 + vocab_chunk], b, inv_t)
-            in_chunk = (y >= v0) & (y < v0 + z.shape[1])
-            picked = z.gather(1, (y - v0).clamp(0, z.shape[1] - 1)[:, None])[:, 0]
-            target_logit += torch.where(in_chunk, picked, 0.0)
-            new_max = torch.maximum(run_max, z.amax(dim=1))
-            alpha = torch.exp(run_max - new_max)
-            z -= new_max[:, None]  # z is now z - m_new
-            e = torch.exp(z)
+            z = head.logits(h, slice(v0, v0 + vocab_chunk))
+            target_logit += _target_logits(z, y, v0)
             if with_entropy:
-                shift = torch.where(sumexp > 0, run_max - new_max, 0.0)  # first chunk: -inf * 0
-                tsum = alpha * (tsum + shift * sumexp) + (e * z).sum(dim=1)
-            sumexp = sumexp * alpha + e.sum(dim=1)
-            run_max = new_max
-        log_sumexp = torch.log(sumexp)
-        chunk_lse = run_max + log_sumexp
-        rows = slice(n0, n0 + h.shape[0])
-        lse[rows] = chunk_lse
-        logprob[rows] = target_logit - chunk_lse
+                p, block_lse = _log_softmax_(z)
+                chunk_entropy.append(_entropy(p, z))
+            else:
+                block_lse = _logsumexp_(z)
+            chunk_lse.append(block_lse)
+        block_lse = torch.stack(chunk_lse)
+        row_lse = torch.logsumexp(block_lse, dim=0)
+        lse[rows] = row_lse
+        logprob[rows] = target_logit - row_lse
         if with_entropy:
-            entropy[rows] = log_sumexp - tsum / sumexp
+            share = torch.exp(block_lse - row_lse)
+            entropy[rows] = (share * (torch.stack(chunk_entropy) + (row_lse - block_lse))).sum(dim=0)
     logprob = torch.where(valid, logprob, 0.0)
     if entropy is not None:
         entropy = torch.where(valid, entropy, 0.0)
@@ -99,78 +196,90 @@ def chunked_forward(
 
 
 def chunked_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    grad_logprob: torch.Tensor,
-    grad_entropy: torch.Tensor | None,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logprob: Tensor,
+    grad_entropy: Tensor | None,
     temperature: float = 1.0,
     ignore_index: int = -100,
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = True,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dh [N, H], dW [V, H], db [V] | None)`` in the input dtypes from per-token upstream grads ``[N]``.
 
     ``grad_entropy`` (with ``entropy``) may be None. Ignored tokens get no gradient whatever their grads.
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = compute_dtype(hidden.dtype)
-    inv_t = 1.0 / temperature
-    weight_acc = weight.to(acc)
-    bias_acc = bias.to(acc) if bias is not None else None
+    head = _Head(weight, bias, temperature, acc)
     token_chunk, vocab_chunk = chunk_sizes(n_tokens, vocab, chunk_elements)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
     g_l = torch.where(valid, grad_logprob.to(acc), 0.0)
-    with_entropy = grad_entropy is not None
-    if with_entropy:
-        g_h = torch.where(valid, grad_entropy.to(acc), 0.0)
-        entropy = entropy.to(acc)
+    g_h = torch.where(valid, grad_entropy.to(acc), 0.0) if grad_entropy is not None else None
+    entropy = entropy.to(acc) if g_h is not None else None
     lse = lse.to(acc)
 
-    dh = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-    db = torch.zeros(vocab, dtype=acc, device=weight.device) if (need_bias and bias is not None) else None
+    grads = _GradAccumulator(hidden, weight, bias, acc, (need_hidden, need_weight, need_bias))
     for n0 in range(0, n_tokens, token_chunk):
         rows = slice(n0, n0 + token_chunk)
-        h = hidden[rows].to(acc)
-        y = safe_targets[rows]
-        gl = g_l[rows][:, None]
-        dh_chunk = torch.zeros_like(h) if need_hidden else None
+        h, y = hidden[rows].to(acc), safe_targets[rows]
         for v0 in range(0, vocab, vocab_chunk):
             cols = slice(v0, v0 + vocab_chunk)
-            b = bias_acc[cols] if bias_acc is not None else None
-            w = weight_acc[cols]
-            dz = _logits(h, w, b, inv_t)
-            dz -= lse[rows][:, None]  # log p
-            p = torch.exp(dz)
-            if with_entropy:
-                dz += entropy[rows][:, None]
-                dz *= g_h[rows][:, None]
-                dz += gl
-                dz *= p
-            else:
-                dz = torch.mul(p, gl, out=dz)
-            dz.neg_()
-            in_chunk = (y >= v0) & (y < v0 + w.shape[0])
-            onehot_rows = in_chunk.nonzero()[:, 0]
-            dz[onehot_rows, y[onehot_rows] - v0] += gl[onehot_rows, 0]
-            dz *= inv_t
-            if need_hidden:
-                dh_chunk.addmm_(dz, w)
-            if dw is not None:
-                dw[cols].addmm_(dz.T, h)
-            if db is not None:
-                db[cols] += dz.sum(dim=0)
-        if need_hidden:
-            dh[rows] = dh_chunk
-    return (
-        dh.to(hidden.dtype) if dh is not None else None,
-        dw.to(weight.dtype) if dw is not None else None,
-        db.to(bias.dtype) if db is not None else None,
-    )
+            log_p = head.logits(h, cols).sub_(lse[rows][:, None])
+            p = torch.exp(log_p) if g_h is not None else log_p.exp_()
+            dz = _logit_grads_(p, log_p, y, v0, g_l[rows], None if g_h is None else g_h[rows],
+                               None if entropy is None else entropy[rows], head.inv_t)
+            grads.add(dz, h, head.weight[cols], rows, cols)
+    return grads.result()
+
+
+def chunked_forward_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    token_grads: TokenGrads,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    need: tuple[bool, bool, bool] = (True, True, True),
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """One pass: ``(logprob [N], entropy [N], (dh, dW, db))``; each chunk's logits are computed once.
+
+    ``token_grads(rows, logprob, entropy)`` returns the chunk's per-token upstream grads
+    ``(g_l, g_H | None)`` (it may not depend on other chunks). Needs `single_pass_fits`.
+    """
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    if not single_pass_fits(n_tokens, vocab, chunk_elements):
+        raise ValueError(f"a vocabulary row of {vocab} does not fit in chunk_elements={chunk_elements}")
+    acc = compute_dtype(hidden.dtype)
+    head = _Head(weight, bias, temperature, acc)
+    token_chunk = chunk_sizes(n_tokens, vocab, chunk_elements)[0]
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    all_cols = slice(0, vocab)
+
+    logprob = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+    entropy = torch.empty_like(logprob)
+    grads = _GradAccumulator(hidden, weight, bias, acc, need)
+    for n0 in range(0, n_tokens, token_chunk):
+        rows = slice(n0, n0 + token_chunk)
+        h, y, keep = hidden[rows].to(acc), safe_targets[rows], valid[rows]
+        log_p = head.logits(h, all_cols)
+        target_logit = _target_logits(log_p, y, 0)
+        p, lse = _log_softmax_(log_p)
+        logprob[rows] = torch.where(keep, target_logit - lse, 0.0)
+        entropy[rows] = torch.where(keep, _entropy(p, log_p), 0.0)
+        g_l, g_h = token_grads(rows, logprob[rows], entropy[rows])
+        g_l = torch.where(keep, g_l.to(acc), 0.0)
+        g_h = torch.where(keep, g_h.to(acc), 0.0) if g_h is not None else None
+        dz = _logit_grads_(p, log_p, y, 0, g_l, g_h, entropy[rows], head.inv_t)
+        grads.add(dz, h, head.weight, rows, all_cols)
+    return logprob, entropy, grads.result()

@@ -5,7 +5,13 @@ import torch
 from ops_reference import assert_close, make_problem, reference
 
 import rpg_kernels as rk
-from rpg_kernels.ops.chunked import chunk_sizes, chunked_backward, chunked_forward
+from rpg_kernels.ops.chunked import (
+    chunk_sizes,
+    chunked_backward,
+    chunked_forward,
+    chunked_forward_backward,
+    single_pass_fits,
+)
 
 # (seed, N, H, V, chunk_elements): small budgets force token chunks of 1 row and vocabulary chunks.
 CASES = [
@@ -74,3 +80,45 @@ def test_gradcheck_float64(with_bias, entropy):
         return out
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# (seed, N, H, V, chunk_elements, entropy grad): every vocabulary row fits one chunk.
+SINGLE_PASS_CASES = [
+    (20, 1, 17, 5, 1 << 22, True),
+    (21, 137, 45, 301, 64 * 301, True),
+    (22, 130, 33, 199, 64 * 199, False),
+    (23, 300, 24, 1001, 1 << 22, True),
+]
+
+
+@pytest.mark.parametrize("seed,n,h,v,chunk,entropy_grad", SINGLE_PASS_CASES)
+def test_single_pass_matches_float64_reference(seed, n, h, v, chunk, entropy_grad):
+    """chunked_forward_backward: per-token grads from the callback, which sees the chunk's log-probs."""
+    p = make_problem(seed, n, h, v, bias=seed % 2 == 0, temperature=0.6 + seed / 50)
+    ref = reference(p, with_entropy_grad=entropy_grad)
+    seen = []
+
+    def token_grads(rows, logprob, entropy):
+        seen.append(rows)
+        assert_close("callback logprob", logprob, ref["logprob"][rows], 1e-5, scale=ref["logit_max"].item())
+        assert_close("callback entropy", entropy, ref["entropy"][rows], 1e-5)
+        return p.grad_logprob[rows], (p.grad_entropy[rows] if entropy_grad else None)
+
+    logprob, entropy, (dh, dw, db) = chunked_forward_backward(
+        p.hidden, p.weight, p.bias, p.targets, token_grads, p.temperature, chunk_elements=chunk
+    )
+    assert [r.start for r in seen] == list(range(0, n, chunk_sizes(n, v, chunk)[0]))
+    assert_close("logprob", logprob, ref["logprob"], 1e-5, scale=ref["logit_max"].item())
+    assert_close("entropy", entropy, ref["entropy"], 1e-5)
+    assert_close("dh", dh, ref["dh"], 1e-5)
+    assert_close("dw", dw, ref["dw"], 1e-5)
+    if p.bias is not None:
+        assert_close("db", db, ref["db"], 1e-5)
+    assert (dh[p.targets == -100] == 0).all()
+
+
+def test_single_pass_needs_whole_vocabulary_rows():
+    p = make_problem(0, 8, 4, 300)
+    assert not single_pass_fits(8, 300, 64 * 100) and single_pass_fits(8, 300, 64 * 300)
+    with pytest.raises(ValueError, match="chunk_elements"):
+        chunked_forward_backward(p.hidden, p.weight, p.bias, p.targets, lambda *a: None, chunk_elements=6400)

@@ -6,6 +6,7 @@ import torch
 from ops_reference import assert_close, make_problem, reference
 
 import rpg_kernels as rk
+from rpg_kernels import fused
 from rpg_kernels.config import ALGOS
 from rpg_kernels.ops.dispatch import resolve_backend, triton_interpreter_enabled
 
@@ -71,6 +72,31 @@ def test_fused_loss_equals_loss_of_fused_logprobs(algo, backend):
     for name, a, b in (("hidden", h1, h2), ("weight", w1, w2), ("bias", b1, b2)):
         assert a.grad is not None and torch.isfinite(a.grad).all(), name
         assert_close(f"grad {name}", a.grad, b.grad, 1e-4, scale=1e-6)
+
+
+@pytest.mark.parametrize("algo", [a for a in ALGOS if a != "gspo"])
+def test_torch_single_pass_equals_two_passes(algo, monkeypatch):
+    """The torch backend's one-pass loss (token-level algos) equals its two-pass path."""
+    seed = 40 + ALGOS.index(algo)
+    batch = make_batch(seed, b=5, t=31, with_ref=seed % 2 == 0, flat=seed % 3 == 0)
+    cfg = rk.LossConfig.preset(algo, agg="seq-mean-token-mean")
+    results = []
+    for single_pass in (True, False):
+        monkeypatch.setattr(fused, "single_pass_fits", lambda n, v, fits=single_pass: fits)
+        h, w, b = leaves(batch)
+        loss, metrics = rk.fused_linear_rpg_loss(h, w, batch["targets"], batch["old"], batch["adv"],
+                                                 batch["mask"], batch["ref"], cfg, temperature=1.3, bias=b,
+                                                 entropy_coef=0.02, num_items=4, backend="torch")
+        loss.backward()
+        results.append((loss, metrics, h.grad, w.grad, b.grad))
+    (loss1, metrics1, *grads1), (loss2, metrics2, *grads2) = results
+    torch.testing.assert_close(loss1, loss2, rtol=1e-5, atol=1e-7)
+    assert metrics1.keys() == metrics2.keys()
+    for name in metrics1:
+        torch.testing.assert_close(metrics1[name], metrics2[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, g1, g2 in zip(("hidden", "weight", "bias"), grads1, grads2):
+        assert g1.abs().sum() > 0, name
+        assert_close(f"grad {name}", g1, g2, 1e-5, scale=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
