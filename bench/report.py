@@ -17,7 +17,8 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else format(value, pattern)
 
 
-def _status(row: dict) -> str:
+def status_text(row: dict) -> str:
+    """``ok`` (with the method's note) or ``skipped: reason`` / ``error: reason``."""
     if row["status"] == "ok":
         return "ok" + (f" ({row['note']})" if row.get("note") else "")
     return f"{row['status']}: {row['reason']}".replace("|", "/")
@@ -36,7 +37,7 @@ def timed_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r['shape']} | {r['n']} | {_fmt(r['time_ms'], '.1f')} | {spread} | "
             f"{_fmt(peak, '.0f')} | {_fmt(tflops, '.3g')} | {_fmt(r['ratio_to_matmul'], '.2f')} | "
-            f"{_status(r)} |"
+            f"{status_text(r)} |"
         )
     return "\n".join(lines)
 
@@ -51,7 +52,7 @@ def long_context_table(rows: list[dict]) -> str:
         peak = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / MIB
         lines.append(
             f"| {r['method']} | {r['shape']} ({r['h']}, {r['v']}) | {r['budget_bytes'] / 2**30:g} | "
-            f"{max_n} | {_fmt(peak, '.0f')} | {len(r['probes'])} | {_status(r)} |"
+            f"{max_n} | {_fmt(peak, '.0f')} | {len(r['probes'])} | {status_text(r)} |"
         )
     return "\n".join(lines)
 

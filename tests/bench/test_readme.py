@@ -1,0 +1,62 @@
+"""The README's benchmark block is generated from the committed results and kept current."""
+
+import json
+
+import pytest
+
+from bench import readme
+
+MIB = 2**20
+
+
+def row(method, n, time_ms, peak_mib, status="ok", reason="", suite="loss"):
+    ok = status == "ok"
+    return {"suite": suite, "method": method, "shape": "tiny", "n": n, "h": 8, "v": 16, "status": status,
+            "reason": reason, "note": "", "time_ms": time_ms if ok else None,
+            "peak_mem_bytes": peak_mib * MIB if ok else None, "ratio_to_matmul": 1.5 if ok else None}
+
+
+def write_run(folder, device_name, date, rows):
+    folder.mkdir(parents=True)
+    meta = {"device_name": device_name, "dtype": "float32", "date": date,
+            "command": f"python -m bench # {date}", "git_commit": "abc1234"}
+    (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+
+
+def test_committed_readme_block_is_current():
+    assert readme.main(["--check"]) == 0, "run `python -m bench.readme` and commit README.md"
+
+
+def test_render_takes_the_newest_run_per_device_and_compares_with_naive(tmp_path):
+    results = tmp_path / "bench" / "results"
+    write_run(results / "cpu-old", "CPU A", "2026-01-01T00:00:00", [row("naive", 64, 999.0, 1)])
+    write_run(results / "cpu-new", "CPU A", "2026-02-01T00:00:00", [
+        row("naive", 64, 200.0, 400), row("ours", 64, 300.0, 10),
+        row("liger-triton", 64, 0, 0, status="skipped", reason="needs | CUDA"),
+    ])
+    write_run(results / "gpu-x", "GPU B", "2026-01-15T00:00:00", [row("ours", 128, 5.0, 3)])
+    text = readme.render(results, tmp_path)
+
+    assert text.startswith(readme.START) and text.endswith(readme.END)
+    assert "2026-01-01" not in text and "999" not in text
+    assert text.index("### CPU A") < text.index("### GPU B")
+    assert "| ours | 64 | 300 | 1.50 | 10 | 2.5 | 1.50 | ok |" in text
+    assert "| liger-triton | 64 | — | — | — | — | — | skipped: needs / CUDA |" in text
+    assert "| ours | 128 | 5 | — | 3 | — | 1.50 | ok |" in text  # no naive row to compare with
+    assert "bench/results/cpu-new/results.md" in text
+
+
+def test_update_rewrites_only_the_block(tmp_path):
+    results = tmp_path / "bench" / "results"
+    write_run(results / "cpu", "CPU A", "2026-02-01T00:00:00", [row("naive", 64, 200.0, 400)])
+    page = tmp_path / "README.md"
+    page.write_text(f"intro\n{readme.START}\nstale\n{readme.END}\noutro\n")
+    assert readme.update(page, results)
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "stale" not in text
+    assert "| naive | 64 | 200 | 1.00 | 400 | 100.0 |" in text
+    assert not readme.update(page, results)
+
+    page.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="bench:start"):
+        readme.update(page, results)
