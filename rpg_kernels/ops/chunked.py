@@ -20,7 +20,7 @@ same block (6 N H V flops instead of 8).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -51,13 +51,31 @@ def single_pass_fits(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CH
 
 
 class _Head:
-    """The LM head in the accumulation dtype with ``1/T`` folded into the small operands:
-    ``logits(h, cols) = (h/T) @ W[cols].T + b[cols]/T``."""
+    """What the entry points share: the LM head in the accumulation dtype ``acc`` with ``1/T`` folded
+    into the small operands (``logits(h, cols) = (h/T) @ W[cols].T + b[cols]/T``), the chunk sizes, and
+    the targets with ignored tokens marked (``valid``) and replaced by 0 (``targets``)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, temperature: float, acc: torch.dtype):
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                 temperature: float, ignore_index: int, chunk_elements: int):
+        self.n_tokens, self.vocab = hidden.shape[0], weight.shape[0]
+        self.acc = compute_dtype(hidden.dtype)
         self.inv_t = 1.0 / temperature
-        self.weight = weight.to(acc)
-        self.bias = bias.to(acc) * self.inv_t if bias is not None else None
+        self.weight = weight.to(self.acc)
+        self.bias = bias.to(self.acc) * self.inv_t if bias is not None else None
+        self.token_chunk, self.vocab_chunk = chunk_sizes(self.n_tokens, self.vocab, chunk_elements)
+        self.valid = targets != ignore_index
+        self.targets = torch.where(self.valid, targets, 0)
+
+    def token_chunks(self, hidden: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """``(rows, hidden[rows] in acc, targets[rows])`` per token chunk."""
+        for n0 in range(0, self.n_tokens, self.token_chunk):
+            rows = slice(n0, n0 + self.token_chunk)
+            yield rows, hidden[rows].to(self.acc), self.targets[rows]
+
+    def vocab_chunks(self) -> Iterator[tuple[int, slice]]:
+        """``(first vocabulary row, rows)`` per vocabulary chunk."""
+        for v0 in range(0, self.vocab, self.vocab_chunk):
+            yield v0, slice(v0, v0 + self.vocab_chunk)
 
     def logits(self, h: Tensor, cols: slice) -> Tensor:
         h_scaled = h * self.inv_t if self.inv_t != 1.0 else h
@@ -158,23 +176,15 @@ def chunked_forward(
     Vocabulary chunks ``c`` are merged at the end: ``lse = logsumexp_c lse_c`` and, with
     ``a_c = exp(lse_c - lse)``, ``entropy = sum_c a_c * (entropy_c + lse - lse_c)``.
     """
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    acc = compute_dtype(hidden.dtype)
-    head = _Head(weight, bias, temperature, acc)
-    token_chunk, vocab_chunk = chunk_sizes(n_tokens, vocab, chunk_elements)
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)
-
-    logprob = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+    head = _Head(hidden, weight, bias, targets, temperature, ignore_index, chunk_elements)
+    logprob = torch.empty(head.n_tokens, dtype=head.acc, device=hidden.device)
     lse = torch.empty_like(logprob)
     entropy = torch.empty_like(logprob) if with_entropy else None
-    for n0 in range(0, n_tokens, token_chunk):
-        rows = slice(n0, n0 + token_chunk)
-        h, y = hidden[rows].to(acc), safe_targets[rows]
-        target_logit = torch.zeros(h.shape[0], dtype=acc, device=h.device)
+    for rows, h, y in head.token_chunks(hidden):
+        target_logit = torch.zeros(h.shape[0], dtype=head.acc, device=h.device)
         chunk_lse, chunk_entropy = [], []
-        for v0 in range(0, vocab, vocab_chunk):
-            z = head.logits(h, slice(v0, v0 + vocab_chunk))
+        for v0, cols in head.vocab_chunks():
+            z = head.logits(h, cols)
             target_logit += _target_logits(z, y, v0)
             if with_entropy:
                 p, block_lse = _log_softmax_(z)
@@ -189,9 +199,9 @@ def chunked_forward(
         if with_entropy:
             share = torch.exp(block_lse - row_lse)
             entropy[rows] = (share * (torch.stack(chunk_entropy) + (row_lse - block_lse))).sum(dim=0)
-    logprob = torch.where(valid, logprob, 0.0)
+    logprob = torch.where(head.valid, logprob, 0.0)
     if entropy is not None:
-        entropy = torch.where(valid, entropy, 0.0)
+        entropy = torch.where(head.valid, entropy, 0.0)
     return logprob, lse, entropy
 
 
@@ -215,23 +225,16 @@ def chunked_backward(
 
     ``grad_entropy`` (with ``entropy``) may be None. Ignored tokens get no gradient whatever their grads.
     """
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    acc = compute_dtype(hidden.dtype)
-    head = _Head(weight, bias, temperature, acc)
-    token_chunk, vocab_chunk = chunk_sizes(n_tokens, vocab, chunk_elements)
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)
-    g_l = torch.where(valid, grad_logprob.to(acc), 0.0)
-    g_h = torch.where(valid, grad_entropy.to(acc), 0.0) if grad_entropy is not None else None
+    head = _Head(hidden, weight, bias, targets, temperature, ignore_index, chunk_elements)
+    acc = head.acc
+    g_l = torch.where(head.valid, grad_logprob.to(acc), 0.0)
+    g_h = torch.where(head.valid, grad_entropy.to(acc), 0.0) if grad_entropy is not None else None
     entropy = entropy.to(acc) if g_h is not None else None
     lse = lse.to(acc)
 
     grads = _GradAccumulator(hidden, weight, bias, acc, (need_hidden, need_weight, need_bias))
-    for n0 in range(0, n_tokens, token_chunk):
-        rows = slice(n0, n0 + token_chunk)
-        h, y = hidden[rows].to(acc), safe_targets[rows]
-        for v0 in range(0, vocab, vocab_chunk):
-            cols = slice(v0, v0 + vocab_chunk)
+    for rows, h, y in head.token_chunks(hidden):
+        for v0, cols in head.vocab_chunks():
             log_p = head.logits(h, cols).sub_(lse[rows][:, None])
             p = torch.exp(log_p) if g_h is not None else log_p.exp_()
             dz = _logit_grads_(p, log_p, y, v0, g_l[rows], None if g_h is None else g_h[rows],
@@ -256,22 +259,15 @@ def chunked_forward_backward(
     ``token_grads(rows, logprob, entropy)`` returns the chunk's per-token upstream grads
     ``(g_l, g_H | None)`` (it may not depend on other chunks). Needs `single_pass_fits`.
     """
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    if not single_pass_fits(n_tokens, vocab, chunk_elements):
-        raise ValueError(f"a vocabulary row of {vocab} does not fit in chunk_elements={chunk_elements}")
-    acc = compute_dtype(hidden.dtype)
-    head = _Head(weight, bias, temperature, acc)
-    token_chunk = chunk_sizes(n_tokens, vocab, chunk_elements)[0]
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)
-    all_cols = slice(0, vocab)
-
-    logprob = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+    head = _Head(hidden, weight, bias, targets, temperature, ignore_index, chunk_elements)
+    if head.vocab_chunk != head.vocab:
+        raise ValueError(f"a vocabulary row of {head.vocab} does not fit in chunk_elements={chunk_elements}")
+    acc, all_cols = head.acc, slice(0, head.vocab)
+    logprob = torch.empty(head.n_tokens, dtype=acc, device=hidden.device)
     entropy = torch.empty_like(logprob)
     grads = _GradAccumulator(hidden, weight, bias, acc, need)
-    for n0 in range(0, n_tokens, token_chunk):
-        rows = slice(n0, n0 + token_chunk)
-        h, y, keep = hidden[rows].to(acc), safe_targets[rows], valid[rows]
+    for rows, h, y in head.token_chunks(hidden):
+        keep = head.valid[rows]
         log_p = head.logits(h, all_cols)
         target_logit = _target_logits(log_p, y, 0)
         p, lse = _log_softmax_(log_p)
