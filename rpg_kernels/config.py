@@ -37,68 +37,22 @@ AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 _INF = float("inf")
 
 # SPEC §3: the paper's defaults for RPG, and the baselines' published settings.
+_RPG_DEFAULTS = dict(
+    kl="urkl", beta=1e-4, eps_low=0.2, eps_high=0.28, clip_c=10.0, clip_mode="dual", agg="token-mean"
+)
+_NO_KL_PPO = dict(
+    kl_estimator=None, beta=0.0, eps_low=0.2, eps_high=0.2, clip_c=_INF, clip_mode="dual", agg="token-mean"
+)
 PRESETS: dict[str, dict[str, Any]] = {
-    "rpg": dict(
-        kl="urkl", beta=1e-4, eps_low=0.2, eps_high=0.28, clip_c=10.0, clip_mode="dual", agg="token-mean"
-    ),
-    "rpg_reinforce": dict(
-        kl="urkl", beta=1e-4, eps_low=0.2, eps_high=0.28, clip_c=10.0, clip_mode="dual", agg="token-mean"
-    ),
-    "grpo": dict(
-        kl_estimator="k3",
-        beta=0.04,
-        eps_low=0.2,
-        eps_high=0.2,
-        clip_c=_INF,
-        clip_mode="dual",
-        agg="seq-mean-token-mean",
-    ),
-    "dapo": dict(
-        kl_estimator=None,
-        beta=0.0,
-        eps_low=0.2,
-        eps_high=0.28,
-        clip_c=_INF,
-        clip_mode="dual",
-        agg="token-mean",
-    ),
-    "dr_grpo": dict(
-        kl_estimator=None,
-        beta=0.0,
-        eps_low=0.2,
-        eps_high=0.2,
-        clip_c=_INF,
-        clip_mode="dual",
-        agg="seq-mean-token-sum-norm",
-    ),
-    "reinforce_pp": dict(
-        kl_estimator=None,
-        beta=0.0,
-        eps_low=0.2,
-        eps_high=0.2,
-        clip_c=_INF,
-        clip_mode="dual",
-        agg="token-mean",
-    ),
-    "gspo": dict(
-        kl_estimator=None,
-        beta=0.0,
-        eps_low=3e-4,
-        eps_high=4e-4,
-        clip_c=_INF,
-        clip_mode="dual",
-        agg="seq-mean-token-mean",
-    ),
+    "rpg": {**_RPG_DEFAULTS},
+    "rpg_reinforce": {**_RPG_DEFAULTS},
+    "grpo": {**_NO_KL_PPO, "kl_estimator": "k3", "beta": 0.04, "agg": "seq-mean-token-mean"},
+    "dapo": {**_NO_KL_PPO, "eps_high": 0.28},
+    "dr_grpo": {**_NO_KL_PPO, "agg": "seq-mean-token-sum-norm"},
+    "reinforce_pp": {**_NO_KL_PPO},
+    "gspo": {**_NO_KL_PPO, "eps_low": 3e-4, "eps_high": 4e-4, "agg": "seq-mean-token-mean"},
     # CISPO has no lower clip; eps_low is unused (kept valid so that overrides stay simple).
-    "cispo": dict(
-        kl_estimator=None,
-        beta=0.0,
-        eps_low=0.2,
-        eps_high=0.28,
-        clip_c=_INF,
-        clip_mode="dual",
-        agg="token-mean",
-    ),
+    "cispo": {**_NO_KL_PPO, "eps_high": 0.28},
 }
 
 
@@ -207,3 +161,12 @@ class LossConfig:
     def replace(self, **changes: Any) -> LossConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def resolve_loss_config(config: LossConfig | None) -> LossConfig:
+    """``config``, or the default (``rpg`` preset) for ``None``; a ``TypeError`` for anything else."""
+    if config is None:
+        return LossConfig()
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+    return config

@@ -26,7 +26,7 @@ from rpg_kernels.checks import (
     check_targets_in_range,
     check_tensor,
 )
-from rpg_kernels.config import LossConfig
+from rpg_kernels.config import LossConfig, resolve_loss_config
 from rpg_kernels.loss import loss_and_logprob_grads, validate_loss_inputs
 from rpg_kernels.loss.streaming import StreamingLoss, supports_streaming
 from rpg_kernels.ops.autograd import LinearLogprobs, PrecomputedGrads, backward_op, forward_op
@@ -164,9 +164,7 @@ def fused_linear_rpg_loss(
     The per-token tensors are ``hidden.shape[:-1]`` (``advantages`` may be ``[B]``).
     Returns ``(loss 0-d, metrics)`` as `rpg_kernels.rpg_loss` does (``metrics["entropy"]`` included).
     """
-    config = LossConfig() if config is None else config
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+    config = resolve_loss_config(config)
     if isinstance(entropy_coef, bool) or not isinstance(entropy_coef, (int, float)):
         raise TypeError(f"entropy_coef must be a real number, got {type(entropy_coef).__name__}")
     check_tensor("hidden", hidden)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from rpg_kernels.config import LossConfig
+from rpg_kernels.config import LossConfig, resolve_loss_config
 from rpg_kernels.fused import fused_linear_rpg_loss
 
 
@@ -27,9 +27,7 @@ class RPGLoss(nn.Module):
         deterministic: bool = True,
     ) -> None:
         super().__init__()
-        self.config = LossConfig() if config is None else config
-        if not isinstance(self.config, LossConfig):
-            raise TypeError(f"config must be a LossConfig, got {type(self.config).__name__}")
+        self.config = resolve_loss_config(config)
         self.temperature = temperature
         self.entropy_coef = entropy_coef
         self.ignore_index = ignore_index

@@ -24,7 +24,7 @@ from rpg_kernels.checks import (
     check_same_shape,
     check_tensor,
 )
-from rpg_kernels.config import LossConfig
+from rpg_kernels.config import LossConfig, resolve_loss_config
 from rpg_kernels.loss.aggregation import aggregate, aggregation_weights
 from rpg_kernels.loss.token_losses import TokenLosses, token_losses
 
@@ -219,9 +219,7 @@ def rpg_loss(
         tensor in the compute dtype; ``metrics`` (see `loss_metrics`) with kl, clip_frac(_low/_high/_dual),
         ratio_mean, ratio_max, num_tokens, entropy (when given).
     """
-    config = LossConfig() if config is None else config
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+    config = resolve_loss_config(config)
     check_num_items(num_items)
     inputs = prepare_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy)
     per_token = token_losses(
@@ -268,12 +266,12 @@ def loss_and_logprob_grads(
         raise ValueError(f"unknown backend={backend!r}; valid: {', '.join(BACKENDS)}")
     check_float_dtype("logprobs", logprobs)
     check_float_dtype("entropy", entropy)
-    config = LossConfig() if config is None else config
+    config = resolve_loss_config(config)
     if backend != "torch":
         from rpg_kernels.ops.dispatch import resolve_backend
 
         backend = resolve_backend(backend, logprobs.device)
-    if backend == "triton" and isinstance(config, LossConfig) and config.algo != "gspo":
+    if backend == "triton" and config.algo != "gspo":
         return _epilogue_loss_and_grads(
             logprobs, old_logprobs, advantages, mask, ref_logprobs, config, num_items, entropy, entropy_coef
         )
