@@ -157,9 +157,9 @@ def fused_linear_rpg_loss(
     and ``loss.backward()`` only scales them. Two passes over the logits in general: pass 1 computes
     per-token log-probs and entropies, ``loss_and_logprob_grads`` turns them into the loss, the metrics
     and the per-token grads ``g_l``, ``g_H``, and pass 2 the grads of ``hidden``, ``weight``, ``bias``
-    (SPEC §6). On the torch backend, for token-level algos (all but ``gspo``) and vocabularies that fit
-    a chunk row, one pass: each token chunk's logits give its log-probs, loss grads and input grads at
-    once (`rpg_kernels.loss.streaming`).
+    (SPEC §6). On the torch backend, for token-level algos (all but ``gspo``) and vocabularies up to
+    262144 (`rpg_kernels.ops.chunked.single_pass_fits`), one pass: each token chunk's logits give its
+    log-probs, loss grads and input grads at once (`rpg_kernels.loss.streaming`).
 
     The per-token tensors are ``hidden.shape[:-1]`` (``advantages`` may be ``[B]``).
     Returns ``(loss 0-d, metrics)`` as `rpg_kernels.rpg_loss` does (``metrics["entropy"]`` included).
@@ -181,7 +181,7 @@ def fused_linear_rpg_loss(
     need = (h.requires_grad, w.requires_grad, b is not None and b.requires_grad)
     need = need if torch.is_grad_enabled() else (False, False, False)
     single_pass = backend == "torch" and any(need) and supports_streaming(config)
-    single_pass = single_pass and single_pass_fits(y.shape[0], w.shape[0])
+    single_pass = single_pass and single_pass_fits(w.shape[0])
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
         if single_pass:
             stream = StreamingLoss(compute_dtype(h.dtype), old_logprobs, advantages, mask, ref_logprobs,

@@ -12,10 +12,11 @@ Per token (SPEC §6)::
     dh  = dz @ W / T,  dW = dz.T @ h / T,  db = sum_n dz / T
 
 Three entry points: `chunked_forward` (per-token outputs), `chunked_backward` (recomputes the logits
-from the saved ``lse``), and `chunked_forward_backward`, the single pass the fused loss uses when a
-whole vocabulary row fits in a chunk: each token chunk's logits are computed once, its per-token
-upstream grads come from a callback as soon as its log-probs exist, and the gradients follow from the
-same block (6 N H V flops instead of 8).
+from the saved ``lse``), and `chunked_forward_backward`, the single pass the fused loss uses: each
+token chunk's logits are computed once, whole vocabulary rows at a time (at least
+``MIN_TOKENS_PER_CHUNK`` rows, so ``V <= SINGLE_PASS_MAX_ELEMENTS / MIN_TOKENS_PER_CHUNK``), its
+per-token upstream grads come from a callback as soon as its log-probs exist, and the gradients follow
+from the same block (6 N H V flops instead of 8).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch import Tensor
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 MIN_TOKENS_PER_CHUNK = 64
+# The single pass's largest block (64 MiB in fp32): vocabularies up to 262144 (Qwen, Llama 3, Gemma 3).
+SINGLE_PASS_MAX_ELEMENTS = 1 << 24
 
 # (rows of this token chunk, logprob [n], entropy [n]) -> (g_l [n], g_H [n] | None)
 TokenGrads = Callable[[slice, Tensor, Tensor], tuple[Tensor, Tensor | None]]
@@ -45,24 +48,36 @@ def chunk_sizes(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_E
     return token_chunk, vocab_chunk
 
 
-def single_pass_fits(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> bool:
-    """Whether `chunked_forward_backward` can run: a whole vocabulary row fits in one chunk."""
-    return chunk_sizes(n_tokens, vocab, chunk_elements)[1] == vocab
+def single_pass_fits(vocab: int) -> bool:
+    """Whether `chunked_forward_backward` can run: ``MIN_TOKENS_PER_CHUNK`` whole vocabulary rows fit
+    in ``SINGLE_PASS_MAX_ELEMENTS``."""
+    return MIN_TOKENS_PER_CHUNK * vocab <= SINGLE_PASS_MAX_ELEMENTS
+
+
+def single_pass_token_chunk(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Tokens per block of the single pass: whole rows, ``chunk_elements`` of them or at least
+    ``MIN_TOKENS_PER_CHUNK`` rows (fewer tokens make the ``dW`` updates dominate)."""
+    return max(1, min(n_tokens, max(MIN_TOKENS_PER_CHUNK, int(chunk_elements) // vocab)))
 
 
 class _Head:
     """What the entry points share: the LM head in the accumulation dtype ``acc`` with ``1/T`` folded
     into the small operands (``logits(h, cols) = (h/T) @ W[cols].T + b[cols]/T``), the chunk sizes, and
-    the targets with ignored tokens marked (``valid``) and replaced by 0 (``targets``)."""
+    the targets with ignored tokens marked (``valid``) and replaced by 0 (``targets``). ``whole_rows``:
+    the single pass's chunking (`single_pass_token_chunk`)."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                 temperature: float, ignore_index: int, chunk_elements: int):
+                 temperature: float, ignore_index: int, chunk_elements: int, whole_rows: bool = False):
         self.n_tokens, self.vocab = hidden.shape[0], weight.shape[0]
         self.acc = compute_dtype(hidden.dtype)
         self.inv_t = 1.0 / temperature
         self.weight = weight.to(self.acc)
         self.bias = bias.to(self.acc) * self.inv_t if bias is not None else None
-        self.token_chunk, self.vocab_chunk = chunk_sizes(self.n_tokens, self.vocab, chunk_elements)
+        if whole_rows:
+            self.token_chunk = single_pass_token_chunk(self.n_tokens, self.vocab, chunk_elements)
+            self.vocab_chunk = self.vocab
+        else:
+            self.token_chunk, self.vocab_chunk = chunk_sizes(self.n_tokens, self.vocab, chunk_elements)
         self.valid = targets != ignore_index
         self.targets = torch.where(self.valid, targets, 0)
 
@@ -257,11 +272,15 @@ def chunked_forward_backward(
     """One pass: ``(logprob [N], entropy [N], (dh, dW, db))``; each chunk's logits are computed once.
 
     ``token_grads(rows, logprob, entropy)`` returns the chunk's per-token upstream grads
-    ``(g_l, g_H | None)`` (it may not depend on other chunks). Needs `single_pass_fits`.
+    ``(g_l, g_H | None)`` (it may not depend on other chunks). Needs `single_pass_fits`; blocks of
+    `single_pass_token_chunk` tokens.
     """
-    head = _Head(hidden, weight, bias, targets, temperature, ignore_index, chunk_elements)
-    if head.vocab_chunk != head.vocab:
-        raise ValueError(f"a vocabulary row of {head.vocab} does not fit in chunk_elements={chunk_elements}")
+    if not single_pass_fits(weight.shape[0]):
+        raise ValueError(
+            f"weight: a vocabulary of {weight.shape[0]} is too large for the single pass "
+            f"({MIN_TOKENS_PER_CHUNK} rows must fit SINGLE_PASS_MAX_ELEMENTS={SINGLE_PASS_MAX_ELEMENTS})"
+        )
+    head = _Head(hidden, weight, bias, targets, temperature, ignore_index, chunk_elements, whole_rows=True)
     acc, all_cols = head.acc, slice(0, head.vocab)
     logprob = torch.empty(head.n_tokens, dtype=acc, device=hidden.device)
     entropy = torch.empty_like(logprob)

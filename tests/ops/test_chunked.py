@@ -6,11 +6,14 @@ from ops_reference import assert_close, make_problem, reference
 
 import rpg_kernels as rk
 from rpg_kernels.ops.chunked import (
+    MIN_TOKENS_PER_CHUNK,
+    SINGLE_PASS_MAX_ELEMENTS,
     chunk_sizes,
     chunked_backward,
     chunked_forward,
     chunked_forward_backward,
     single_pass_fits,
+    single_pass_token_chunk,
 )
 
 # (seed, N, H, V, chunk_elements): small budgets force token chunks of 1 row and vocabulary chunks.
@@ -82,12 +85,14 @@ def test_gradcheck_float64(with_bias, entropy):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-# (seed, N, H, V, chunk_elements, entropy grad): every vocabulary row fits one chunk.
+# (seed, N, H, V, chunk_elements, entropy grad): blocks of whole vocabulary rows, one or several per N.
 SINGLE_PASS_CASES = [
     (20, 1, 17, 5, 1 << 22, True),
     (21, 137, 45, 301, 64 * 301, True),
     (22, 130, 33, 199, 64 * 199, False),
     (23, 300, 24, 1001, 1 << 22, True),
+    (24, 257, 20, 37, 100 * 37, True),
+    (25, 70, 9, 263, 10 * 263, False),
 ]
 
 
@@ -107,7 +112,7 @@ def test_single_pass_matches_float64_reference(seed, n, h, v, chunk, entropy_gra
     logprob, entropy, (dh, dw, db) = chunked_forward_backward(
         p.hidden, p.weight, p.bias, p.targets, token_grads, p.temperature, chunk_elements=chunk
     )
-    assert [r.start for r in seen] == list(range(0, n, chunk_sizes(n, v, chunk)[0]))
+    assert [r.start for r in seen] == list(range(0, n, single_pass_token_chunk(n, v, chunk)))
     assert_close("logprob", logprob, ref["logprob"], 1e-5, scale=ref["logit_max"].item())
     assert_close("entropy", entropy, ref["entropy"], 1e-5)
     assert_close("dh", dh, ref["dh"], 1e-5)
@@ -117,8 +122,12 @@ def test_single_pass_matches_float64_reference(seed, n, h, v, chunk, entropy_gra
     assert (dh[p.targets == -100] == 0).all()
 
 
-def test_single_pass_needs_whole_vocabulary_rows():
-    p = make_problem(0, 8, 4, 300)
-    assert not single_pass_fits(8, 300, 64 * 100) and single_pass_fits(8, 300, 64 * 300)
-    with pytest.raises(ValueError, match="chunk_elements"):
-        chunked_forward_backward(p.hidden, p.weight, p.bias, p.targets, lambda *a: None, chunk_elements=6400)
+def test_single_pass_chunks_whole_vocabulary_rows():
+    limit = SINGLE_PASS_MAX_ELEMENTS // MIN_TOKENS_PER_CHUNK
+    assert single_pass_fits(limit) and not single_pass_fits(limit + 1)
+    assert single_pass_token_chunk(1000, 300, 64 * 100) == MIN_TOKENS_PER_CHUNK  # rows, not the budget
+    assert single_pass_token_chunk(1000, 300, 300 * 100) == 100
+    assert single_pass_token_chunk(5, 300, 300 * 100) == 5
+    hidden, targets = torch.randn(2, 1), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="weight"):
+        chunked_forward_backward(hidden, torch.randn(limit + 1, 1), None, targets, lambda *a: None)
