@@ -18,25 +18,13 @@ from rpg_train.config import build_config
 from rpg_train.logprobs import build_batch, sequence_logprobs
 from rpg_train.reference import ReferencePolicy
 from rpg_train.train import update_policy
+from tests.support import tiny_causal_lm
 
 GROUP_SIZE, GROUPS_PER_RANK, VOCAB = 2, 4, 97
 
 
 def tiny_model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config).float()
+    return tiny_causal_lm("qwen2", vocab_size=VOCAB)
 
 
 def rank_rollouts(rank: int):

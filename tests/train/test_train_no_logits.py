@@ -7,45 +7,17 @@ dimensions, no tensor may reach ``N * V / 8`` elements. The same recorder does s
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import rpg_kernels as rk
 from rpg_train.logprobs import build_batch, policy_loss, sequence_logprobs
+from tests.support import LargestAllocation, tiny_causal_lm
 
 VOCAB, HIDDEN = 8192, 32
 
 
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor (in elements) produced by any op while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.largest:
-                self.largest, self.op = leaf.numel(), str(func)
-        return out
-
-
 def tiny_model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config).float()
+    return tiny_causal_lm("qwen2", tie_word_embeddings=True, vocab_size=VOCAB, hidden_size=HIDDEN,
+                          num_hidden_layers=1, max_position_embeddings=256)
 
 
 @pytest.mark.timeout(120)

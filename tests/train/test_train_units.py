@@ -10,24 +10,13 @@ from rpg_train.config import PRESETS, Config, build_config, config_from_dict, pa
 from rpg_train.logprobs import IGNORE_INDEX, build_batch, sequence_logprobs
 from rpg_train.metrics import MetricsLog, plot_metrics, read_metrics, summarize
 from rpg_train.reference import ReferencePolicy
+from tests.support import tiny_causal_lm
 
 VOCAB = 61
 
 
 def tiny_model(seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    return Qwen2ForCausalLM(config).float().eval()
+    return tiny_causal_lm("qwen2", seed=seed, vocab_size=VOCAB)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
