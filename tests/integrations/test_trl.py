@@ -211,3 +211,30 @@ def test_unsupported_trl_version_raises():
         _check_trl_version("1.17.0")
     with pytest.raises(ImportError, match="found trl 0.19.1"):
         _check_trl_version("0.19.1")
+
+
+def test_peft_lora_matches_trl_and_trains(tiny_model_dir, tmp_path):
+    """With a LoRA ``peft_config`` (the reference is the model with adapters disabled): TRL's loss and
+    adapter gradients at the first step; training moves the adapters only."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           init_lora_weights=False)
+    args = _args(tmp_path, loss_type="grpo", beta=0.04)
+    trainer = RPGGRPOTrainer(model=tiny_model_dir, reward_funcs=digit_share, args=args, peft_config=lora,
+                             train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    assert isinstance(trainer.model, peft.PeftModel) and trainer.ref_model is None
+    inputs = _first_micro_batch(trainer, seed=3, perturb=False)
+    assert "ref_per_token_logps" in inputs
+    trl_compute = lambda m, x: GRPOTrainer._compute_loss(trainer, m, x)
+    trl_loss, trl_grads = _loss_and_grads(trl_compute, trainer, inputs)
+    our_loss, our_grads = _loss_and_grads(trainer._compute_loss, trainer, inputs)
+    assert trl_loss.abs() > 1e-4
+    torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=1e-7)
+    assert our_grads.keys() == trl_grads.keys() and all("lora_" in name for name in our_grads)
+    for name, grad in trl_grads.items():
+        assert (our_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max().clamp(min=1e-12), name
+
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in name for name in changed), sorted(changed)
