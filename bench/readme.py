@@ -3,9 +3,11 @@
     python -m bench.readme            # rewrite the block between the markers in README.md
     python -m bench.readme --check    # exit 1 if README.md is out of date (the tests run this)
 
-For each device (``meta["device_name"]``) the newest run under ``bench/results/*/results.json``: the
-command that made it, the loss and log-prob suites with every method's time and peak memory beside
-naive PyTorch's at the same N, the long-context search, and the run's plots.
+For each device (``meta["device_name"]``) and each set of (suite, head) a run covers, the newest such
+run under ``bench/results/*/results.json`` (a later run of the same suites and heads replaces an
+earlier one; a run of other heads stands beside it): the command that made it, the loss and log-prob
+suites with every method's time and peak memory beside naive PyTorch's at the same N, the long-context
+search, and the run's plots.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ END = "<!-- bench:end -->"
 
 
 def latest_runs(results_dir: Path = RESULTS) -> list[tuple[Path, dict]]:
-    """``(run folder, results.json content)`` of the newest run per device, devices sorted by name."""
-    newest: dict[str, tuple[Path, dict]] = {}
+    """``(run folder, results.json content)``: the newest run per device and coverage (the set of
+    ``(suite, H, V)`` in its rows), sorted by device name, then date."""
+    newest: dict[tuple[str, frozenset], tuple[Path, dict]] = {}
     for path in sorted(results_dir.glob("*/results.json")):
         run = json.loads(path.read_text())
-        name = run["meta"]["device_name"]
-        if name not in newest or run["meta"]["date"] > newest[name][1]["meta"]["date"]:
-            newest[name] = (path.parent, run)
-    return [newest[name] for name in sorted(newest)]
+        key = (run["meta"]["device_name"], frozenset((r["suite"], r["h"], r["v"]) for r in run["rows"]))
+        if key not in newest or run["meta"]["date"] > newest[key][1]["meta"]["date"]:
+            newest[key] = (path.parent, run)
+    return sorted(newest.values(), key=lambda item: (item[1]["meta"]["device_name"], item[1]["meta"]["date"]))
 
 
 def _versus_naive(rows: list[dict]) -> str:

@@ -46,6 +46,16 @@ def test_render_takes_the_newest_run_per_device_and_compares_with_naive(tmp_path
     assert "bench/results/cpu-new/results.md" in text
 
 
+def test_render_keeps_a_run_of_other_heads_beside_the_newest(tmp_path):
+    results = tmp_path / "bench" / "results"
+    write_run(results / "cpu-quick", "CPU A", "2026-01-01T00:00:00", [row("naive", 64, 111.0, 1)])
+    other_head = [dict(row("naive", 32, 222.0, 2), h=8, v=151936)]
+    write_run(results / "cpu-big-vocab", "CPU A", "2026-02-01T00:00:00", other_head)
+    text = readme.render(results, tmp_path)
+    assert "| naive | 64 | 111 |" in text and "| naive | 32 | 222 |" in text
+    assert text.index("cpu-quick/results.md") < text.index("cpu-big-vocab/results.md")
+
+
 def test_update_rewrites_only_the_block(tmp_path):
     results = tmp_path / "bench" / "results"
     write_run(results / "cpu", "CPU A", "2026-02-01T00:00:00", [row("naive", 64, 200.0, 400)])
