@@ -264,6 +264,18 @@ def cce(task: str, p: Problem) -> Step:
 
 def ours(task: str, p: Problem) -> Step:
     """rpg_kernels.fused_linear_rpg_loss / fused_linear_logprobs (Triton on GPU, chunked PyTorch on CPU)."""
+    return _rpg_kernels(task, p, "triton" if p.on_cuda else "torch")
+
+
+def ours_chunked(task: str, p: Problem) -> Step:
+    """Our chunked PyTorch path on the GPU (cuBLAS matmuls per token chunk, a single pass for the loss):
+    the alternative to the Triton kernels that ``backend="torch"`` selects."""
+    if not p.on_cuda:
+        raise Skip("on CPU `ours` is this chunked path")
+    return _rpg_kernels(task, p, "torch")
+
+
+def _rpg_kernels(task: str, p: Problem, backend: str) -> Step:
     try:
         import rpg_kernels as rk
 
@@ -273,7 +285,7 @@ def ours(task: str, p: Problem) -> Step:
     fn = fused_loss if task == "loss" else fused_logprobs
     kwargs = {}
     if "backend" in inspect.signature(fn).parameters:
-        kwargs["backend"] = "triton" if p.on_cuda else "torch"
+        kwargs["backend"] = backend
     if task == "logprobs":
         return _no_grad_step(lambda: fn(p.hidden, p.weight, p.targets, **kwargs))
     config = loss_config()
@@ -317,6 +329,7 @@ METHODS: dict[str, Method] = {
     "liger-triton": liger_triton,
     "cce": cce,
     "ours": ours,
+    "ours-chunked": ours_chunked,
     "matmul": matmul,
 }
 

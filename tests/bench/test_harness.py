@@ -124,6 +124,8 @@ def test_run_case_reports_errors_and_skips_in_process():
     ok = run_case(micro_spec("naive", warmup=0, repeats=3))
     assert ok.status == "ok", ok.reason
     assert len(ok.times_ms) == 3 and all(t > 0 for t in ok.times_ms) and ok.peak_mem_bytes >= 0
+    on_cpu = run_case(micro_spec("ours-chunked"))  # on CPU, `ours` already is the chunked path
+    assert (on_cpu.status, on_cpu.reason) == ("skipped", "on CPU `ours` is this chunked path")
 
 
 def test_fresh_subprocess_memory_detects_a_big_allocation_and_a_crash():
