@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from bench.shapes import CPU_TOKENS, GPU_TOKENS, Shape, default_dtype, parse_sha
 from bench.suites import (
     GIB,
     SUITES,
+    RunCase,
+    Suite,
     add_matmul_ratios,
     cases,
     default_shapes,
@@ -203,7 +206,17 @@ def run(args: argparse.Namespace) -> Path:
     return out_dir
 
 
-def _long_context(args, suite, shapes, methods, dtype, device, runner, bar, save) -> None:
+def _long_context(
+    args: argparse.Namespace,
+    suite: Suite,
+    shapes: list[Shape],
+    methods: list[str],
+    dtype: str,
+    device: str,
+    runner: RunCase,
+    bar: tqdm,
+    save: Callable[[dict], None],
+) -> None:
     budget = int((args.budget_gib if args.budget_gib is not None else _default_budget_gib(device)) * GIB)
     n_max = args.max_tokens or (2**20 if device == "cuda" else 16384)
     chosen = [m for m in methods if m in suite.methods or m not in METHODS]

@@ -19,10 +19,14 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.shapes import Shape
+
+if TYPE_CHECKING:
+    from rpg_kernels import LossConfig
 
 Step = Callable[[], None]
 Method = Callable[[str, "Problem"], Step]
@@ -92,7 +96,7 @@ def make_problem(shape: Shape, dtype: str, device: str, task: str, seed: int = 0
 # --- the loss every PyTorch-side method puts on top of its log-probs ------------------------------
 
 
-def loss_config():
+def loss_config() -> LossConfig:
     """The RPG configuration benchmarked (paper defaults: REINFORCE-style RPG, unnormalised reverse KL)."""
     import rpg_kernels as rk
 

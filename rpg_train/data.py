@@ -21,7 +21,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +131,9 @@ def _answer_text(value: Any, schema: _Schema, where: str) -> str:
     return text
 
 
-def _prompt_text(value: Any, tokenizer, chat_template: bool, schema: _Schema, where: str) -> str:
+def _prompt_text(
+    value: Any, tokenizer: PreTrainedTokenizerBase, chat_template: bool, schema: _Schema, where: str
+) -> str:
     if isinstance(value, str):
         if not value.strip():
             raise ValueError(f"{where}: field {schema.prompt_key!r} is empty")
@@ -155,7 +160,7 @@ def _prompt_text(value: Any, tokenizer, chat_template: bool, schema: _Schema, wh
 
 def load_prompts(
     path: str | Path,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     prompt_key: str | None = None,
     answer_key: str | None = None,

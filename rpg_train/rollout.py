@@ -20,7 +20,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ def _weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 # vLLM
 
 
-def _load_weights_on_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
+def _load_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
     """Fallback for vLLM versions whose workers have no ``reload_weights``: the model's own loader."""
     worker.model_runner.model.load_weights(weights=weights)
 

@@ -30,8 +30,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 PAD_TOKEN, UNK_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "<eos>"
 SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, EOS_TOKEN)
@@ -85,7 +89,7 @@ def task_rows(operations: Sequence[str] = DEFAULT_OPERATIONS) -> list[dict[str, 
     ]
 
 
-def build_tokenizer():
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE ``PreTrainedTokenizerFast`` over ``VOCAB`` in Qwen2's layout; no BOS.
 
     transformers' ``AutoTokenizer`` (and so vLLM) rebuilds any tokenizer saved beside a Qwen2 config as a
@@ -132,7 +136,9 @@ def build_tokenizer():
     return fast
 
 
-def build_model(seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2):
+def build_model(
+    seed: int = 0, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2
+) -> Qwen2ForCausalLM:
     """A randomly initialised fp32 ``Qwen2ForCausalLM`` over ``VOCAB`` (tied embeddings, ~0.5M parameters).
 
     head_dim = hidden_size / num_heads must be a size vLLM's CPU attention accepts (64 works, 16 does not).

@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,10 @@ from rpg_train.config import Config
 from rpg_train.logprobs import SequenceBatch, build_batch, policy_loss, sequence_logprobs
 from rpg_train.metrics import MetricsLog, ProgressBar, plot_metrics, read_metrics, summarize
 from rpg_train.reference import ReferencePolicy
+
+if TYPE_CHECKING:
+    from rpg_train.rewards import RewardFn
+    from rpg_train.rollout import RolloutEngine
 
 LOSS_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean")
 
@@ -102,9 +106,9 @@ class Rollouts:
 
 
 def collect_rollouts(
-    engine,
+    engine: RolloutEngine,
     sampler: PromptSampler,
-    reward_fn,
+    reward_fn: RewardFn,
     cfg: Config,
     num_groups: int,
     seed: int,
@@ -159,7 +163,14 @@ def is_correct(rewards: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, prompts: list, reward_fn, cfg: Config, info: distributed.DistInfo, seed: int) -> float:
+def evaluate(
+    engine: RolloutEngine,
+    prompts: list,
+    reward_fn: RewardFn,
+    cfg: Config,
+    info: distributed.DistInfo,
+    seed: int,
+) -> float:
     """Accuracy mean@k on this rank's share of the held-out prompts, averaged over all ranks."""
     k, max_tokens = cfg.train.eval_samples, cfg.rollout.max_tokens
     outputs = (
@@ -216,10 +227,10 @@ class UpdateStats:
 
 
 def update_policy(
-    policy,
-    model,
-    optimizer,
-    scheduler,
+    policy: torch.nn.Module,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     reference: ReferencePolicy,
     loss_config: rk.LossConfig,
     cfg: Config,
@@ -301,7 +312,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config, *, resume: bool = False, engine=None) -> dict[str, Any]:
+def train(cfg: Config, *, resume: bool = False, engine: RolloutEngine | None = None) -> dict[str, Any]:
     """Run the configured training; returns the final summary. ``engine`` overrides the rollout engine."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -117,7 +117,9 @@ def loss_config_from_verl(algo: str, config: Any, **overrides: Any) -> LossConfi
     )
 
 
-def verl_aggregation(loss_agg_mode: str, mask: Tensor, global_batch_info: Mapping[str, Any] | None):
+def verl_aggregation(
+    loss_agg_mode: str, mask: Tensor, global_batch_info: Mapping[str, Any] | None
+) -> tuple[str, float | Tensor | None]:
     """``(agg, num_items)`` that reproduce verl's ``agg_loss(..., loss_agg_mode, **global_batch_info)``.
 
     verl multiplies by ``dp_size`` (the data-parallel gradient average divides it back out); we divide the

@@ -22,7 +22,14 @@ Kernels and their tile roles (all 1-D grids on axis 0):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import triton
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class TileConfig:
         """The constexpr keyword arguments of the kernel."""
         return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_H": self.block_h}
 
-    def triton_config(self):
+    def triton_config(self) -> triton.Config:
         import triton
 
         return triton.Config(self.meta(), num_warps=self.num_warps, num_stages=self.num_stages)
@@ -94,7 +101,7 @@ KERNELS = ("forward", "backward_dz", "backward_dh", "backward_dw", "backward_ato
 DTYPE_CLASSES = ("tensor_core", "fp32")
 
 
-def dtype_class(dtype) -> str:
+def dtype_class(dtype: torch.dtype | str) -> str:
     """``"fp32"`` for float32 operands (torch dtype or Triton type string), else ``"tensor_core"``."""
     return "fp32" if str(dtype) in ("torch.float32", "fp32") else "tensor_core"
 
@@ -115,7 +122,14 @@ _AUTOTUNED: dict[tuple[int, str, int, str], object] = {}
 
 
 def launch(
-    fn, kernel: str, grid, *args, device=None, dtype=None, reset_to_zero: tuple[str, ...] = (), **kwargs
+    fn: Any,
+    kernel: str,
+    grid: Callable[[dict[str, Any]], tuple[int, ...]],
+    *args: Any,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    reset_to_zero: tuple[str, ...] = (),
+    **kwargs: Any,
 ) -> None:
     """Launch the ``@triton.jit`` kernel ``fn`` with ``grid(meta)`` programs.
 
