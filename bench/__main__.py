@@ -125,7 +125,7 @@ def git_commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "rpg_kernels", "bench"],
+            ["git", "status", "--porcelain", "--", "rpg_kernels", "rpg_train", "bench"],
             cwd=root,
             capture_output=True,
             text=True,

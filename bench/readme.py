@@ -31,6 +31,8 @@ def latest_runs(results_dir: Path = RESULTS) -> list[tuple[Path, dict]]:
     ``(suite, H, V)`` in its rows), sorted by device name, then date."""
     newest: dict[tuple[str, frozenset], tuple[Path, dict]] = {}
     for path in sorted(results_dir.glob("*/results.json")):
+        if path.parent.name.startswith("demo-"):  # bench.demo's runs have their own block
+            continue
         run = json.loads(path.read_text())
         key = (run["meta"]["device_name"], frozenset((r["suite"], r["h"], r["v"]) for r in run["rows"]))
         if key not in newest or run["meta"]["date"] > newest[key][1]["meta"]["date"]:
@@ -95,16 +97,23 @@ def render(results_dir: Path = RESULTS, root: Path = ROOT) -> str:
     return "\n".join(out)
 
 
+def replace_block(page: Path, block: str, *, write: bool = True) -> bool:
+    """Puts ``block`` (its first and last lines are the markers) in place of the marked block of ``page``;
+    returns whether that changed the page. ``write=False`` only compares."""
+    start, end = block.split("\n", 1)[0], block.rsplit("\n", 1)[-1]
+    text = page.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{page} has no {start!r} ... {end!r} block")
+    head, rest = text.split(start, 1)
+    new = head + block + rest.split(end, 1)[1]
+    if write and new != text:
+        page.write_text(new)
+    return new != text
+
+
 def update(readme: Path = README, results_dir: Path = RESULTS) -> bool:
     """Rewrites the block in ``readme``; returns whether it changed."""
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} has no {START!r} ... {END!r} block")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    new = head + render(results_dir, readme.parent) + tail
-    readme.write_text(new)
-    return new != text
+    return replace_block(readme, render(results_dir, readme.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
     args = parser.parse_args(argv)
     if args.check:
-        text = README.read_text()
-        current = START + text.split(START, 1)[1].split(END, 1)[0] + END if START in text else ""
-        if current != render():
+        if replace_block(README, render(), write=False):
             print("README.md's benchmark block is out of date: run `python -m bench.readme`", file=sys.stderr)
             return 1
         return 0

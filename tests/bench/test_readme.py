@@ -35,6 +35,8 @@ def test_render_takes_the_newest_run_per_device_and_compares_with_naive(tmp_path
         row("liger-triton", 64, 0, 0, status="skipped", reason="needs | CUDA"),
     ])
     write_run(results / "gpu-x", "GPU B", "2026-01-15T00:00:00", [row("ours", 128, 5.0, 3)])
+    (results / "demo-cpu").mkdir()  # bench.demo's results (another layout) are not benchmark runs
+    (results / "demo-cpu" / "results.json").write_text(json.dumps({"meta": {"date": "2027"}, "runs": []}))
     text = readme.render(results, tmp_path)
 
     assert text.startswith(readme.START) and text.endswith(readme.END)

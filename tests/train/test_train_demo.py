@@ -1,22 +1,17 @@
 """The tiny demo end to end with real vLLM (CPU) rollouts, and (slow) its reward criterion on three seeds."""
 
-import json
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from bench.demo import run_seed  # noqa: E402
 from rpg_train import checkpoint  # noqa: E402
 from rpg_train.config import build_config  # noqa: E402
 from rpg_train.metrics import read_metrics  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("vllm")
 
 
@@ -53,36 +48,11 @@ def test_tiny_demo_with_vllm_writes_metrics_checkpoint_plot(tmp_path):
     assert (tmp_path / "config.yaml").is_file() and summary["steps"] == 3
 
 
-def run_demo(seed: int, out: Path) -> tuple[dict, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rpg_train",
-            "--preset",
-            "tiny",
-            "--set",
-            f"train.seed={seed}",
-            "--set",
-            "train.progress=false",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "summary.json").read_text()), time.perf_counter() - start
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tiny_demo_reward_rises_by_0_3_within_15_minutes(tmp_path, seed):
-    summary, wall = run_demo(seed, tmp_path / f"seed{seed}")
+    summary, wall = run_seed(seed, tmp_path / f"seed{seed}")
     print(f"seed {seed}: {summary} wall {wall:.0f}s")
     assert wall < 15 * 60
     assert summary["reward_last"] - summary["reward_first"] >= 0.3, summary
