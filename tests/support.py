@@ -23,23 +23,21 @@ _CONFIGS = {
 
 
 def tiny_causal_lm(
-    family: str = "qwen2", *, tie_word_embeddings: bool = False, seed: int = 0, perturb: bool = True,
-    **sizes: int,
+    family: str = "qwen2", *, tie_word_embeddings: bool = False, seed: int = 0, **sizes: int
 ) -> transformers.PreTrainedModel:
     """A float32 ``*ForCausalLM`` of ``family`` ("qwen2", "llama", "qwen3") in eval mode.
 
-    ``sizes`` override `TINY_LM` (``vocab_size``, ``hidden_size``, ...). ``perturb`` adds noise to every
-    parameter, the norms included, so that no weight keeps its trivial initial value.
+    ``sizes`` override `TINY_LM` (``vocab_size``, ``hidden_size``, ...). Every parameter, the norms
+    included, gets noise, so that no weight keeps its trivial initial value.
     """
     extra = {"head_dim": 8} if family == "qwen3" else {}
     config = _CONFIGS[family](**{**TINY_LM, **sizes}, **extra, tie_word_embeddings=tie_word_embeddings,
                               attn_implementation="eager")
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if perturb:
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.05 * torch.randn_like(param))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
     return model.eval()
 
 
