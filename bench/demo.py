@@ -36,8 +36,19 @@ SEEDS = (0, 1, 2)
 
 def run_seed(seed: int, out_dir: Path, timeout_s: float = 1800.0) -> tuple[dict, float]:
     """``(summary.json of the run, wall seconds)`` of ``python -m rpg_train --preset tiny`` for ``seed``."""
-    command = [sys.executable, "-m", "rpg_train", "--preset", "tiny", "--set", f"train.seed={seed}",
-               "--set", "train.progress=false", "--out", str(out_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "rpg_train",
+        "--preset",
+        "tiny",
+        "--set",
+        f"train.seed={seed}",
+        "--set",
+        "train.progress=false",
+        "--out",
+        str(out_dir),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     wall = time.perf_counter() - start
@@ -57,10 +68,19 @@ def measure(seeds: tuple[int, ...] = SEEDS, results_dir: Path = RESULTS) -> Path
         for seed in tqdm(seeds, desc="demo seeds", unit="run"):
             summary, wall = run_seed(seed, Path(scratch) / f"seed{seed}")
             shutil.copyfile(summary["plot"], folder / f"metrics-seed{seed}.png")
-            runs.append({"seed": seed, "wall_s": round(wall, 1), **{k: v for k, v in summary.items()
-                                                                   if k not in ("plot", "checkpoint")}})
-    meta = {"device_name": device, "date": now.isoformat(timespec="seconds"), "git_commit": git_commit(),
-            "command": "python -m rpg_train --preset tiny --set train.seed=S"}
+            runs.append(
+                {
+                    "seed": seed,
+                    "wall_s": round(wall, 1),
+                    **{k: v for k, v in summary.items() if k not in ("plot", "checkpoint")},
+                }
+            )
+    meta = {
+        "device_name": device,
+        "date": now.isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "command": "python -m rpg_train --preset tiny --set train.seed=S",
+    }
     (folder / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
     return folder
 
@@ -97,8 +117,12 @@ def render(page: Path, results_dir: Path = RESULTS) -> str:
             f"{r.get('eval_accuracy_last', float('nan')):.2f} | {r['wall_s']:.0f} s |"
         )
     first = runs[0]["seed"]
-    lines += ["", f"![tiny demo, seed {first}: reward and KL]({link.as_posix()}/metrics-seed{first}.png)", "",
-              END]
+    lines += [
+        "",
+        f"![tiny demo, seed {first}: reward and KL]({link.as_posix()}/metrics-seed{first}.png)",
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -112,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = [page.name for page in PAGES if replace_block(page, render(page), write=False)]
         if stale:
-            print(f"demo tables out of date in {', '.join(stale)}: run `python -m bench.demo --render`",
-                  file=sys.stderr)
+            print(
+                f"demo tables out of date in {', '.join(stale)}: run `python -m bench.demo --render`",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if not args.render:

@@ -89,8 +89,12 @@ def render(results_dir: Path = RESULTS, root: Path = ROOT) -> str:
                     out += [f"![{suite} {shape}]({link}/{plot.name})", ""]
         long_rows = [r for r in rows if r["suite"] == "long-context"]
         if long_rows:
-            out += ["**long-context** (largest N whose loss step fits the budget):", "",
-                    long_context_table(long_rows), ""]
+            out += [
+                "**long-context** (largest N whose loss step fits the budget):",
+                "",
+                long_context_table(long_rows),
+                "",
+            ]
             if (folder / "long-context.png").exists():
                 out += [f"![long context]({link}/long-context.png)", ""]
     out.append(END)

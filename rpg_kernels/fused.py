@@ -126,8 +126,9 @@ def fused_linear_logprobs(
         hidden, weight, targets, bias, temperature, ignore_index, backend
     )
     with torch.autocast(h.device.type, enabled=False):
-        out = LinearLogprobs.apply(h, w, b, y, temperature, ignore_index, bool(return_entropy), backend,
-                                   bool(deterministic))
+        out = LinearLogprobs.apply(
+            h, w, b, y, temperature, ignore_index, bool(return_entropy), backend, bool(deterministic)
+        )
     if return_entropy:
         return out[0].reshape(lead_shape), out[1].reshape(lead_shape)
     return out.reshape(lead_shape)
@@ -184,22 +185,51 @@ def fused_linear_rpg_loss(
     single_pass = single_pass and single_pass_fits(w.shape[0])
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
         if single_pass:
-            stream = StreamingLoss(compute_dtype(h.dtype), old_logprobs, advantages, mask, ref_logprobs,
-                                   config, num_items, float(entropy_coef))
-            _, _, grads = chunked_forward_backward(h, w, b, y, stream.token_grads, temperature, ignore_index,
-                                                   need)
+            stream = StreamingLoss(
+                compute_dtype(h.dtype),
+                old_logprobs,
+                advantages,
+                mask,
+                ref_logprobs,
+                config,
+                num_items,
+                float(entropy_coef),
+            )
+            _, _, grads = chunked_forward_backward(
+                h, w, b, y, stream.token_grads, temperature, ignore_index, need
+            )
             loss, metrics = stream.finish()
         else:
             logprob, lse, entropy = forward_op(backend, h, w, b, y, temperature, ignore_index, True)
             loss, grad_logprob, grad_entropy, metrics = loss_and_logprob_grads(
-                logprob.reshape(targets.shape), old_logprobs, advantages, mask, ref_logprobs, config,
-                num_items, entropy=entropy.reshape(targets.shape), entropy_coef=float(entropy_coef),
+                logprob.reshape(targets.shape),
+                old_logprobs,
+                advantages,
+                mask,
+                ref_logprobs,
+                config,
+                num_items,
+                entropy=entropy.reshape(targets.shape),
+                entropy_coef=float(entropy_coef),
                 backend=backend,
             )
             if any(need):
                 grad_entropy = grad_entropy.reshape(-1) if entropy_coef != 0.0 else None
-                grads = backward_op(backend, h, w, b, y, lse, entropy, grad_logprob.reshape(-1), grad_entropy,
-                                    temperature, ignore_index, need, deterministic)
+                grads = backward_op(
+                    backend,
+                    h,
+                    w,
+                    b,
+                    y,
+                    lse,
+                    entropy,
+                    grad_logprob.reshape(-1),
+                    grad_entropy,
+                    temperature,
+                    ignore_index,
+                    need,
+                    deterministic,
+                )
     if not any(need):
         return loss, metrics
     return PrecomputedGrads.apply(loss, hidden, weight, bias, *_to_callers(grads, hidden, weight)), metrics

@@ -47,9 +47,20 @@ class RPGLoss(nn.Module):
         num_items: float | int | Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         return fused_linear_rpg_loss(
-            hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs,
-            config=self.config, temperature=self.temperature, bias=bias, entropy_coef=self.entropy_coef,
-            num_items=num_items, ignore_index=self.ignore_index, backend=self.backend,
+            hidden,
+            weight,
+            targets,
+            old_logprobs,
+            advantages,
+            mask,
+            ref_logprobs,
+            config=self.config,
+            temperature=self.temperature,
+            bias=bias,
+            entropy_coef=self.entropy_coef,
+            num_items=num_items,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
             deterministic=self.deterministic,
         )
 

@@ -18,7 +18,9 @@ TINY_LM = dict(
     max_position_embeddings=64,
 )
 _CONFIGS = {
-    "qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config
+    "qwen2": transformers.Qwen2Config,
+    "llama": transformers.LlamaConfig,
+    "qwen3": transformers.Qwen3Config,
 }
 
 
@@ -31,8 +33,9 @@ def tiny_causal_lm(
     included, gets noise, so that no weight keeps its trivial initial value.
     """
     extra = {"head_dim": 8} if family == "qwen3" else {}
-    config = _CONFIGS[family](**{**TINY_LM, **sizes}, **extra, tie_word_embeddings=tie_word_embeddings,
-                              attn_implementation="eager")
+    config = _CONFIGS[family](
+        **{**TINY_LM, **sizes}, **extra, tie_word_embeddings=tie_word_embeddings, attn_implementation="eager"
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

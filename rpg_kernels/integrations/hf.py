@@ -143,4 +143,3 @@ def run_inside_forward(model: nn.Module, fn: Callable[..., T], *args: Any, **kwa
         return model()
     finally:
         _restore()
-

@@ -286,13 +286,27 @@ class RPGGRPOTrainer(GRPOTrainer):
                 if old is None:  # on-policy step: TRL skips the old-policy pass, the ratio is exactly 1
                     with torch.no_grad():
                         old = rk.fused_linear_logprobs(
-                            hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
+                            hidden,
+                            weight,
+                            completion_ids,
+                            bias=bias,
+                            temperature=self.temperature,
                             backend=backend,
                         )
                 return rk.fused_linear_rpg_loss(
-                    hidden, weight, completion_ids, old, inputs["advantages"], mask, ref_logprobs,
-                    config=self.loss_config, temperature=self.temperature, bias=bias,
-                    entropy_coef=entropy_coef, num_items=num_items, backend=backend,
+                    hidden,
+                    weight,
+                    completion_ids,
+                    old,
+                    inputs["advantages"],
+                    mask,
+                    ref_logprobs,
+                    config=self.loss_config,
+                    temperature=self.temperature,
+                    bias=bias,
+                    entropy_coef=entropy_coef,
+                    num_items=num_items,
+                    backend=backend,
                 )
 
         with self.accelerator.autocast():
@@ -302,11 +316,17 @@ class RPGGRPOTrainer(GRPOTrainer):
 
     def _log_rpg_metrics(self, metrics: dict[str, Tensor], mode: str) -> None:
         """Average over processes (``ratio_max``: max, ``num_tokens``: sum) into TRL's metric buffers."""
-        trl_names = {"kl": "kl", "entropy": "entropy", "clip_frac_low": "clip_ratio/low_mean",
-                     "clip_frac_high": "clip_ratio/high_mean", "clip_frac": "clip_ratio/region_mean"}
+        trl_names = {
+            "kl": "kl",
+            "entropy": "entropy",
+            "clip_frac_low": "clip_ratio/low_mean",
+            "clip_frac_high": "clip_ratio/high_mean",
+            "clip_frac": "clip_ratio/region_mean",
+        }
         for name, value in metrics.items():
-            gathered = self.accelerator.gather(torch.as_tensor(value, dtype=torch.float32,
-                                                               device=self.accelerator.device).reshape(1))
+            gathered = self.accelerator.gather(
+                torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).reshape(1)
+            )
             reduce = {"ratio_max": torch.max, "num_tokens": torch.sum}.get(name, torch.mean)
             value = reduce(gathered).item()
             self._metrics[mode][f"rpg/{name}"].append(value)

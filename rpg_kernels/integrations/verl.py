@@ -61,7 +61,11 @@ __all__ = [  # noqa: F822 (RPGPolicyLossConfig comes from the module __getattr__
 ]
 
 VERL_AGG_MODES = (
-    "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
 )
 _RPG_OPTIONS = {"rpg_kl": "urkl", "rpg_beta": 1e-4, "rpg_clip_mode": "dual", "rpg_kl_clamp": None}
 
@@ -165,8 +169,9 @@ def _policy_loss(
         )
     agg, num_items = verl_aggregation(loss_agg_mode, response_mask, _lookup(config, "global_batch_info"))
     loss_config = loss_config_from_verl(algo, config, **overrides).replace(agg=agg)
-    loss, metrics = rpg_loss(log_prob, old_log_prob, advantages, response_mask, config=loss_config,
-                             num_items=num_items)
+    loss, metrics = rpg_loss(
+        log_prob, old_log_prob, advantages, response_mask, config=loss_config, num_items=num_items
+    )
     with torch.no_grad():
         mask = (response_mask != 0).to(torch.float32)
         approx_kl = torch.where(response_mask != 0, old_log_prob - log_prob, 0.0).float().sum()
@@ -194,8 +199,17 @@ def compute_policy_loss_rpg(
     ``old_log_prob``, ``log_prob``, ``response_mask`` ``[B, T]``; ``advantages`` ``[B, T]`` or ``[B]``.
     Returns ``(loss 0-d, metrics dict of floats)``.
     """
-    return _policy_loss("rpg", {}, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                        rollout_is_weights)
+    return _policy_loss(
+        "rpg",
+        {},
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+    )
 
 
 def compute_policy_loss_rpg_reinforce(
@@ -208,8 +222,17 @@ def compute_policy_loss_rpg_reinforce(
     rollout_is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """REINFORCE-style RPG (SPEC §3 ``rpg_reinforce``, RPG-style clip by default); verl's signature."""
-    return _policy_loss("rpg_reinforce", {}, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                        config, rollout_is_weights)
+    return _policy_loss(
+        "rpg_reinforce",
+        {},
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+    )
 
 
 POLICY_LOSSES: dict[str, PolicyLossFn] = {
@@ -269,7 +292,6 @@ def register_with_verl(name: str | None = None, algo: str = "rpg_reinforce", **o
     return True
 
 
-
 @dataclasses.dataclass
 class FusedCausalLMOutput:
     """What verl reads from a fused-kernel forward: per-position ``log_probs`` and ``entropy`` ``[B, S]``."""
@@ -310,9 +332,14 @@ def fused_causal_lm_forward(
     import rpg_kernels as rk
 
     outputs = self.model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
         cache_position=cache_position,
     )
     hidden = outputs[0]
@@ -324,13 +351,16 @@ def fused_causal_lm_forward(
         raise ValueError("input_ids: fused_causal_lm_forward needs input_ids, labels or shift_labels")
     weight, bias = lm_head_params(self)
     backend = "torch" if hidden.device.type == "cpu" else "auto"
-    log_probs, entropy = rk.fused_linear_logprobs(hidden, weight, next_labels, bias=bias,
-                                                  temperature=temperature, return_entropy=True,
-                                                  backend=backend)
-    return FusedCausalLMOutput(log_probs=log_probs, entropy=entropy,
-                               past_key_values=getattr(outputs, "past_key_values", None),
-                               hidden_states=getattr(outputs, "hidden_states", None),
-                               attentions=getattr(outputs, "attentions", None))
+    log_probs, entropy = rk.fused_linear_logprobs(
+        hidden, weight, next_labels, bias=bias, temperature=temperature, return_entropy=True, backend=backend
+    )
+    return FusedCausalLMOutput(
+        log_probs=log_probs,
+        entropy=entropy,
+        past_key_values=getattr(outputs, "past_key_values", None),
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+    )
 
 
 def use_rpg_fused_forward_in_verl() -> bool:

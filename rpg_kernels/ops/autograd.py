@@ -57,8 +57,21 @@ def backward_op(
             torch.zeros_like(weight) if need_weight else None,
             torch.zeros_like(bias) if need_bias and bias is not None else None,
         )
-    args = (hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, temperature,
-            ignore_index, need_hidden, need_weight, need_bias)
+    args = (
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        grad_logprob,
+        grad_entropy,
+        temperature,
+        ignore_index,
+        need_hidden,
+        need_weight,
+        need_bias,
+    )
     if backend == "triton":
         from rpg_kernels.ops.linear_logprobs_backward import linear_logprobs_backward
 
@@ -70,8 +83,9 @@ class LinearLogprobs(torch.autograd.Function):
     """``(hidden [N, H], weight [V, H], bias [V] | None, targets [N]) -> logprob [N] (, entropy [N])``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
-                deterministic):
+    def forward(
+        ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend, deterministic
+    ):
         logprob, lse, entropy = forward_op(
             backend, hidden, weight, bias, targets, temperature, ignore_index, with_entropy
         )
@@ -93,8 +107,19 @@ class LinearLogprobs(torch.autograd.Function):
         if grad_logprob is None:
             grad_logprob = torch.zeros_like(lse)
         dh, dw, db = backward_op(
-            backend, hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy,
-            temperature, ignore_index, need, deterministic,
+            backend,
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            entropy,
+            grad_logprob,
+            grad_entropy,
+            temperature,
+            ignore_index,
+            need,
+            deterministic,
         )
         return dh, dw, db, None, None, None, None, None, None
 

@@ -66,8 +66,17 @@ class _Head:
     the targets with ignored tokens marked (``valid``) and replaced by 0 (``targets``). ``whole_rows``:
     the single pass's chunking (`single_pass_token_chunk`)."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                 temperature: float, ignore_index: int, chunk_elements: int, whole_rows: bool = False):
+    def __init__(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        temperature: float,
+        ignore_index: int,
+        chunk_elements: int,
+        whole_rows: bool = False,
+    ):
         self.n_tokens, self.vocab = hidden.shape[0], weight.shape[0]
         self.acc = compute_dtype(hidden.dtype)
         self.inv_t = 1.0 / temperature
@@ -130,8 +139,14 @@ def _target_logits(z: Tensor, y: Tensor, v0: int) -> Tensor:
 
 
 def _logit_grads_(
-    p: Tensor, log_p: Tensor | None, y: Tensor, v0: int, g_l: Tensor, g_h: Tensor | None,
-    entropy: Tensor | None, inv_t: float,
+    p: Tensor,
+    log_p: Tensor | None,
+    y: Tensor,
+    v0: int,
+    g_l: Tensor,
+    g_h: Tensor | None,
+    entropy: Tensor | None,
+    inv_t: float,
 ) -> Tensor:
     """``dz / T`` of the module docstring for one block, written over ``p`` (or ``log_p`` with entropy).
 
@@ -152,8 +167,14 @@ def _logit_grads_(
 class _GradAccumulator:
     """``dh [N, H]``, ``dW [V, H]``, ``db [V]`` in the accumulation dtype, filled block by block."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype,
-                 need: tuple[bool, bool, bool]):
+    def __init__(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        acc: torch.dtype,
+        need: tuple[bool, bool, bool],
+    ):
         need_hidden, need_weight, need_bias = need
         self.dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
         self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
@@ -172,8 +193,9 @@ class _GradAccumulator:
 
     def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(dh, dW, db)`` in the input dtypes (None where not needed)."""
-        return tuple(None if g is None else g.to(dtype) for g, dtype in zip((self.dh, self.dw, self.db),
-                                                                           self.dtypes))
+        return tuple(
+            None if g is None else g.to(dtype) for g, dtype in zip((self.dh, self.dw, self.db), self.dtypes)
+        )
 
 
 def chunked_forward(
@@ -252,8 +274,16 @@ def chunked_backward(
         for v0, cols in head.vocab_chunks():
             log_p = head.logits(h, cols).sub_(lse[rows][:, None])
             p = torch.exp(log_p) if g_h is not None else log_p.exp_()
-            dz = _logit_grads_(p, log_p, y, v0, g_l[rows], None if g_h is None else g_h[rows],
-                               None if entropy is None else entropy[rows], head.inv_t)
+            dz = _logit_grads_(
+                p,
+                log_p,
+                y,
+                v0,
+                g_l[rows],
+                None if g_h is None else g_h[rows],
+                None if entropy is None else entropy[rows],
+                head.inv_t,
+            )
             grads.add(dz, h, head.weight[cols], rows, cols)
     return grads.result()
 

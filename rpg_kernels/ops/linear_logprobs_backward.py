@@ -36,8 +36,16 @@ from rpg_kernels.ops.tile_configs import launch
 
 
 @triton.jit
-def _token_vectors(targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr, offs_n, N,
-                   HAS_ENTROPY_GRAD: tl.constexpr):
+def _token_vectors(
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprob_ptr,
+    grad_entropy_ptr,
+    offs_n,
+    N,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+):
     """Per-token ``(target, lse, g_l, g_H, entropy)`` for rows ``offs_n`` (zeros past ``N``)."""
     mask_n = offs_n < N
     target = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
@@ -53,8 +61,9 @@ def _token_vectors(targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_ent
 
 
 @triton.jit
-def _grad_logits(z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature,
-                 HAS_ENTROPY_GRAD: tl.constexpr):
+def _grad_logits(
+    z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature, HAS_ENTROPY_GRAD: tl.constexpr
+):
     """``dz / T`` for a ``[BLOCK_N, BLOCK_V]`` logits tile ``z``; zero outside ``N`` x ``V``."""
     log_p = z - lse[:, None]
     p = tl.exp(log_p)
@@ -69,12 +78,26 @@ def _grad_logits(z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_te
 
 @triton.jit
 def backward_dz_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprob_ptr,
+    grad_entropy_ptr,
     dz_ptr,
-    N, V, H, stride_hn, stride_wv, stride_dzn,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    stride_dzn,
     inv_temperature,
     HAS_ENTROPY_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """``dz[n, v] / T`` of one ``(BLOCK_N, BLOCK_V)`` tile, stored in ``dz_ptr``'s dtype (``[N, V]``)."""
     pid = tl.program_id(0)
@@ -84,22 +107,51 @@ def backward_dz_kernel(
     target, lse, g_l, g_h, entropy = _token_vectors(
         targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr, offs_n, N, HAS_ENTROPY_GRAD
     )
-    z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
-                    inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H)
-    dz = _grad_logits(z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature,
-                      HAS_ENTROPY_GRAD)
+    z = logits_tile(
+        hidden_ptr,
+        weight_ptr,
+        bias_ptr,
+        offs_n,
+        offs_v,
+        N,
+        V,
+        H,
+        stride_hn,
+        stride_wv,
+        inv_temperature,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
+    dz = _grad_logits(
+        z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature, HAS_ENTROPY_GRAD
+    )
     ptrs = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_v[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_v < V)[None, :])
 
 
 @triton.jit
 def backward_dh_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprob_ptr,
+    grad_entropy_ptr,
     dh_ptr,
-    N, V, H, stride_hn, stride_wv, stride_dhn,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    stride_dhn,
     inv_temperature,
     HAS_ENTROPY_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """``dh[rows] += dz @ W / T`` over the whole vocabulary; ``dh`` is fp32 ``[N, H]``, zero-initialised."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -111,10 +163,25 @@ def backward_dh_kernel(
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
-                        inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H)
-        dz = _grad_logits(z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature,
-                          HAS_ENTROPY_GRAD)
+        z = logits_tile(
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            offs_n,
+            offs_v,
+            N,
+            V,
+            H,
+            stride_hn,
+            stride_wv,
+            inv_temperature,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
+        dz = _grad_logits(
+            z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature, HAS_ENTROPY_GRAD
+        )
         dz = dz.to(weight_ptr.dtype.element_ty)
         rows_w = offs_v.to(tl.int64) * stride_wv
         for h0 in range(0, H, BLOCK_H):
@@ -130,12 +197,27 @@ def backward_dh_kernel(
 
 @triton.jit
 def backward_dw_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr,
-    dw_ptr, db_ptr,
-    N, V, H, stride_hn, stride_wv, stride_dwv,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprob_ptr,
+    grad_entropy_ptr,
+    dw_ptr,
+    db_ptr,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    stride_dwv,
     inv_temperature,
     HAS_ENTROPY_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """``dW[rows] += dz.T @ h / T`` and ``db[rows] = sum_n dz / T`` over all tokens (fp32, ``dW`` zeroed)."""
     offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -148,10 +230,25 @@ def backward_dw_kernel(
         target, lse, g_l, g_h, entropy = _token_vectors(
             targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr, offs_n, N, HAS_ENTROPY_GRAD
         )
-        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
-                        inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H)
-        dz = _grad_logits(z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature,
-                          HAS_ENTROPY_GRAD)
+        z = logits_tile(
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            offs_n,
+            offs_v,
+            N,
+            V,
+            H,
+            stride_hn,
+            stride_wv,
+            inv_temperature,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
+        dz = _grad_logits(
+            z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature, HAS_ENTROPY_GRAD
+        )
         db += tl.sum(dz, axis=0)
         dz_t = tl.trans(dz.to(hidden_ptr.dtype.element_ty))
         rows_h = offs_n.to(tl.int64) * stride_hn
@@ -169,12 +266,29 @@ def backward_dw_kernel(
 
 @triton.jit
 def backward_atomic_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr,
-    dh_ptr, dw_ptr, db_ptr,
-    N, V, H, stride_hn, stride_wv, stride_dhn, stride_dwv,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprob_ptr,
+    grad_entropy_ptr,
+    dh_ptr,
+    dw_ptr,
+    db_ptr,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    stride_dhn,
+    stride_dwv,
     inv_temperature,
     HAS_ENTROPY_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """One ``(BLOCK_N, BLOCK_V)`` tile: atomically add its share of ``dh``, ``dW``, ``db`` (fp32, zeroed)."""
     pid = tl.program_id(0)
@@ -186,10 +300,25 @@ def backward_atomic_kernel(
     target, lse, g_l, g_h, entropy = _token_vectors(
         targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr, offs_n, N, HAS_ENTROPY_GRAD
     )
-    z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
-                    inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H)
-    dz = _grad_logits(z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature,
-                      HAS_ENTROPY_GRAD)
+    z = logits_tile(
+        hidden_ptr,
+        weight_ptr,
+        bias_ptr,
+        offs_n,
+        offs_v,
+        N,
+        V,
+        H,
+        stride_hn,
+        stride_wv,
+        inv_temperature,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
+    dz = _grad_logits(
+        z, offs_n, offs_v, N, V, target, lse, g_l, g_h, entropy, inv_temperature, HAS_ENTROPY_GRAD
+    )
     tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
     dz = dz.to(weight_ptr.dtype.element_ty)
     dz_t = tl.trans(dz)
@@ -204,14 +333,23 @@ def backward_atomic_kernel(
         w_mask = mask_v[:, None] & mask_h[None, :]
         w = tl.load(weight_ptr + rows_w[:, None] + offs_h[None, :], mask=w_mask, other=0.0)
         h = tl.load(hidden_ptr + rows_h[:, None] + offs_h[None, :], mask=h_mask, other=0.0)
-        tl.atomic_add(dh_ptr + rows_dh[:, None] + offs_h[None, :], tl.dot(dz, w, input_precision="ieee"),
-                      mask=h_mask)
-        tl.atomic_add(dw_ptr + rows_dw[:, None] + offs_h[None, :], tl.dot(dz_t, h, input_precision="ieee"),
-                      mask=w_mask)
+        tl.atomic_add(
+            dh_ptr + rows_dh[:, None] + offs_h[None, :], tl.dot(dz, w, input_precision="ieee"), mask=h_mask
+        )
+        tl.atomic_add(
+            dw_ptr + rows_dw[:, None] + offs_h[None, :], tl.dot(dz_t, h, input_precision="ieee"), mask=w_mask
+        )
 
 
-_VECTOR_TYPES = {"bias_ptr": "*fp32", "targets_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
-                 "grad_logprob_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "inv_temperature": "fp32"}
+_VECTOR_TYPES = {
+    "bias_ptr": "*fp32",
+    "targets_ptr": "*i64",
+    "lse_ptr": "*fp32",
+    "entropy_ptr": "*fp32",
+    "grad_logprob_ptr": "*fp32",
+    "grad_entropy_ptr": "*fp32",
+    "inv_temperature": "fp32",
+}
 
 _DW_TYPES = {"dw_ptr": "*fp32", "db_ptr": "*fp32"}
 
@@ -312,8 +450,21 @@ def linear_logprobs_backward(
             n = h.shape[0]
             dz_rows = dz[:n]
             grid = lambda meta, n=n: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)
-            launch(backward_dz_kernel, "backward_dz", grid, h, weight, bias32, *(t[rows] for t in per_token),
-                   dz_rows, n, *sizes[1:], dz_rows.stride(0), inv_t, **common)
+            launch(
+                backward_dz_kernel,
+                "backward_dz",
+                grid,
+                h,
+                weight,
+                bias32,
+                *(t[rows] for t in per_token),
+                dz_rows,
+                n,
+                *sizes[1:],
+                dz_rows.stride(0),
+                inv_t,
+                **common,
+            )
             if dh is not None:
                 torch.mm(dz_rows, weight, out=dh[rows])
             if dw is not None:
@@ -334,18 +485,57 @@ def linear_logprobs_backward(
     db = f32_zeros(vocab) if need_dw else None
     if atomic:
         grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)
-        launch(backward_atomic_kernel, "backward_atomic", grid, hidden, weight, *vectors, dh, dw, db,
-               *sizes, dh.stride(0), dw.stride(0), inv_t, reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"),
-               **common)
+        launch(
+            backward_atomic_kernel,
+            "backward_atomic",
+            grid,
+            hidden,
+            weight,
+            *vectors,
+            dh,
+            dw,
+            db,
+            *sizes,
+            dh.stride(0),
+            dw.stride(0),
+            inv_t,
+            reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"),
+            **common,
+        )
     else:
         if dh is not None:
             grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]),)
-            launch(backward_dh_kernel, "backward_dh", grid, hidden, weight, *vectors, dh,
-                   *sizes, dh.stride(0), inv_t, reset_to_zero=("dh_ptr",), **common)
+            launch(
+                backward_dh_kernel,
+                "backward_dh",
+                grid,
+                hidden,
+                weight,
+                *vectors,
+                dh,
+                *sizes,
+                dh.stride(0),
+                inv_t,
+                reset_to_zero=("dh_ptr",),
+                **common,
+            )
         if dw is not None:
             grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)
-            launch(backward_dw_kernel, "backward_dw", grid, hidden, weight, *vectors, dw, db,
-                   *sizes, dw.stride(0), inv_t, reset_to_zero=("dw_ptr",), **common)
+            launch(
+                backward_dw_kernel,
+                "backward_dw",
+                grid,
+                hidden,
+                weight,
+                *vectors,
+                dw,
+                db,
+                *sizes,
+                dw.stride(0),
+                inv_t,
+                reset_to_zero=("dw_ptr",),
+                **common,
+            )
     return (
         dh.to(hidden.dtype) if need_hidden else None,
         dw.to(weight.dtype) if need_weight else None,

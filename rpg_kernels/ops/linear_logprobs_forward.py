@@ -106,8 +106,20 @@ def linear_logprobs_forward_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
         z = logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv,
-            inv_temperature, BLOCK_N, BLOCK_V, BLOCK_H,
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            offs_n,
+            offs_v,
+            N,
+            V,
+            H,
+            stride_hn,
+            stride_wv,
+            inv_temperature,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
         )
         target_logit += tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
         z = tl.where(mask_v[None, :], z, _NEG_BIG)  # exp -> 0, and 0 * shifted stays 0 (no inf * 0)
@@ -139,9 +151,17 @@ def aot_variants(dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")):
     """Yield ``(family, kernel, types, constexprs)`` for every variant this module launches (tiles aside)."""
     for dtype in dtypes:
         for with_entropy in (False, True):
-            types = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": "*fp32",
-                     "targets_ptr": "*i64", "part_max_ptr": "*fp32", "part_sumexp_ptr": "*fp32",
-                     "part_tsum_ptr": "*fp32", "part_target_ptr": "*fp32", "inv_temperature": "fp32"}
+            types = {
+                "hidden_ptr": f"*{dtype}",
+                "weight_ptr": f"*{dtype}",
+                "bias_ptr": "*fp32",
+                "targets_ptr": "*i64",
+                "part_max_ptr": "*fp32",
+                "part_sumexp_ptr": "*fp32",
+                "part_tsum_ptr": "*fp32",
+                "part_target_ptr": "*fp32",
+                "inv_temperature": "fp32",
+            }
             yield "forward", linear_logprobs_forward_kernel, types, {"WITH_ENTROPY": with_entropy}
 
 

@@ -27,8 +27,15 @@ from rpg_kernels.config import LossConfig
 
 ALGO_RPG, ALGO_RPG_REINFORCE, ALGO_PPO, ALGO_CISPO = 0, 1, 2, 3
 # grpo, dapo, dr_grpo and reinforce_pp share the PPO-style token loss; they differ in presets only.
-ALGO_CODES = {"rpg": ALGO_RPG, "rpg_reinforce": ALGO_RPG_REINFORCE, "grpo": ALGO_PPO, "dapo": ALGO_PPO,
-              "dr_grpo": ALGO_PPO, "reinforce_pp": ALGO_PPO, "cispo": ALGO_CISPO}  # fmt: skip
+ALGO_CODES = {
+    "rpg": ALGO_RPG,
+    "rpg_reinforce": ALGO_RPG_REINFORCE,
+    "grpo": ALGO_PPO,
+    "dapo": ALGO_PPO,
+    "dr_grpo": ALGO_PPO,
+    "reinforce_pp": ALGO_PPO,
+    "cispo": ALGO_CISPO,
+}
 KL_CODES = {"fkl": 0, "rkl": 1, "ufkl": 2, "urkl": 3}
 ESTIMATOR_CODES = {None: -1, "k1": 0, "k2": 1, "k3": 2, "k3_is": 3}
 CLIP_CODES = {"none": 0, "truncate": 1, "dual": 2}
@@ -299,10 +306,22 @@ def token_loss_epilogue(
         old = flat(old_logprobs)
         grid = (triton.cdiv(n_tokens, block),)
         token_loss_epilogue_kernel[grid](
-            flat(logprobs), old, old if ref_logprobs is None else flat(ref_logprobs),
-            flat(advantages.reshape(batch, -1)), flat(mask.to(torch.bool)).view(torch.int8),
-            flat(weights), params, outputs.loss, outputs.grad, outputs.zone, outputs.kl, outputs.ratio,
-            n_tokens, length if per_sequence else 1,
-            **kernel_constexprs(config, compute_dtype), BLOCK=block, num_warps=NUM_WARPS,
-        )  # fmt: skip
+            flat(logprobs),
+            old,
+            old if ref_logprobs is None else flat(ref_logprobs),
+            flat(advantages.reshape(batch, -1)),
+            flat(mask.to(torch.bool)).view(torch.int8),
+            flat(weights),
+            params,
+            outputs.loss,
+            outputs.grad,
+            outputs.zone,
+            outputs.kl,
+            outputs.ratio,
+            n_tokens,
+            length if per_sequence else 1,
+            **kernel_constexprs(config, compute_dtype),
+            BLOCK=block,
+            num_warps=NUM_WARPS,
+        )
     return EpilogueOutputs(*(t.view(batch, length) for t in vars(outputs).values()))

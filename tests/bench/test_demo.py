@@ -7,9 +7,19 @@ from bench import demo
 
 def write_run(folder, date, gains):
     folder.mkdir(parents=True)
-    runs = [{"seed": seed, "wall_s": 30.0 + seed, "steps": 100.0, "reward_first": 0.2,
-             "reward_last": 0.2 + gain, "reward_gain": gain, "eval_accuracy_first": 0.0,
-             "eval_accuracy_last": 0.5} for seed, gain in enumerate(gains)]
+    runs = [
+        {
+            "seed": seed,
+            "wall_s": 30.0 + seed,
+            "steps": 100.0,
+            "reward_first": 0.2,
+            "reward_last": 0.2 + gain,
+            "reward_gain": gain,
+            "eval_accuracy_first": 0.0,
+            "eval_accuracy_last": 0.5,
+        }
+        for seed, gain in enumerate(gains)
+    ]
     meta = {"device_name": "CPU X", "date": date, "git_commit": "abc1234", "command": "python -m rpg_train"}
     (folder / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}))
 

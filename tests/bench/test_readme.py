@@ -11,15 +11,31 @@ MIB = 2**20
 
 def row(method, n, time_ms, peak_mib, status="ok", reason="", suite="loss"):
     ok = status == "ok"
-    return {"suite": suite, "method": method, "shape": "tiny", "n": n, "h": 8, "v": 16, "status": status,
-            "reason": reason, "note": "", "time_ms": time_ms if ok else None,
-            "peak_mem_bytes": peak_mib * MIB if ok else None, "ratio_to_matmul": 1.5 if ok else None}
+    return {
+        "suite": suite,
+        "method": method,
+        "shape": "tiny",
+        "n": n,
+        "h": 8,
+        "v": 16,
+        "status": status,
+        "reason": reason,
+        "note": "",
+        "time_ms": time_ms if ok else None,
+        "peak_mem_bytes": peak_mib * MIB if ok else None,
+        "ratio_to_matmul": 1.5 if ok else None,
+    }
 
 
 def write_run(folder, device_name, date, rows):
     folder.mkdir(parents=True)
-    meta = {"device_name": device_name, "dtype": "float32", "date": date,
-            "command": f"python -m bench # {date}", "git_commit": "abc1234"}
+    meta = {
+        "device_name": device_name,
+        "dtype": "float32",
+        "date": date,
+        "command": f"python -m bench # {date}",
+        "git_commit": "abc1234",
+    }
     (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}))
 
 
@@ -30,10 +46,16 @@ def test_committed_readme_block_is_current():
 def test_render_takes_the_newest_run_per_device_and_compares_with_naive(tmp_path):
     results = tmp_path / "bench" / "results"
     write_run(results / "cpu-old", "CPU A", "2026-01-01T00:00:00", [row("naive", 64, 999.0, 1)])
-    write_run(results / "cpu-new", "CPU A", "2026-02-01T00:00:00", [
-        row("naive", 64, 200.0, 400), row("ours", 64, 300.0, 10),
-        row("liger-triton", 64, 0, 0, status="skipped", reason="needs | CUDA"),
-    ])
+    write_run(
+        results / "cpu-new",
+        "CPU A",
+        "2026-02-01T00:00:00",
+        [
+            row("naive", 64, 200.0, 400),
+            row("ours", 64, 300.0, 10),
+            row("liger-triton", 64, 0, 0, status="skipped", reason="needs | CUDA"),
+        ],
+    )
     write_run(results / "gpu-x", "GPU B", "2026-01-15T00:00:00", [row("ours", 128, 5.0, 3)])
     (results / "demo-cpu").mkdir()  # bench.demo's results (another layout) are not benchmark runs
     (results / "demo-cpu" / "results.json").write_text(json.dumps({"meta": {"date": "2027"}, "runs": []}))

@@ -62,9 +62,17 @@ def test_trl_example_runs(tiny_model_dir, tmp_path, monkeypatch):
     config_cls = rk_trl.RPGGRPOConfig
 
     def small_cpu_config(**kwargs):  # the doc's settings, shrunk to one CPU step
-        kwargs.update(output_dir=str(tmp_path / "out"), max_completion_length=6, max_steps=1,
-                      per_device_train_batch_size=4, use_cpu=True, bf16=False, report_to="none",
-                      save_strategy="no", logging_steps=1)
+        kwargs.update(
+            output_dir=str(tmp_path / "out"),
+            max_completion_length=6,
+            max_steps=1,
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+        )
         return config_cls(**kwargs)
 
     monkeypatch.setattr(rk_trl, "RPGGRPOConfig", small_cpu_config)

@@ -154,8 +154,13 @@ def test_peft_lora_model_matches_its_own_logits(make_tiny_lm, tied):
     peft = pytest.importorskip("peft")
 
     def lora_model():
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                 lora_dropout=0.0, init_lora_weights=False)  # non-zero B: adapters matter
+        config = peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            lora_dropout=0.0,
+            init_lora_weights=False,
+        )  # non-zero B: adapters matter
         torch.manual_seed(9)
         return peft.get_peft_model(make_tiny_lm("qwen2", tie_word_embeddings=tied, seed=6), config)
 

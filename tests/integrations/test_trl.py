@@ -47,8 +47,12 @@ def _args(tmp_path, **overrides):
 
 
 def _trainer(model_dir, args):
-    return RPGGRPOTrainer(model=model_dir, reward_funcs=digit_share, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    return RPGGRPOTrainer(
+        model=model_dir,
+        reward_funcs=digit_share,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
 
 
 def _first_micro_batch(trainer, seed, perturb=True):
@@ -65,7 +69,8 @@ def _first_micro_batch(trainer, seed, perturb=True):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         current, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, input_ids, attention_mask, inputs["completion_ids"].shape[1])
+            trainer.model, input_ids, attention_mask, inputs["completion_ids"].shape[1]
+        )
     shape = current.shape
     inputs["old_per_token_logps"] = current + 0.3 * torch.randn(shape, generator=gen)
     inputs["ref_per_token_logps"] = current + 0.3 * torch.randn(shape, generator=gen)
@@ -96,8 +101,14 @@ TRL_CASES = [
     dict(loss_type="dr_grpo", temperature=0.7),
     dict(loss_type="cispo", epsilon_high=1.2),
     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05, epsilon_high=0.08),
-    dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05, epsilon_high=0.08, beta=0.04,
-         use_bias_correction_kl=False),
+    dict(
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+        epsilon=0.05,
+        epsilon_high=0.08,
+        beta=0.04,
+        use_bias_correction_kl=False,
+    ),
     dict(loss_type="dapo", beta=0.04, rpg_reference="model"),
     dict(loss_type="dapo", epsilon_high=0.28, rpg_backend="triton"),  # Triton kernels (CPU: interpreter)
 ]
@@ -129,15 +140,28 @@ def test_loss_and_grads_match_trl(tiny_model_dir, tmp_path, case):
 
 @pytest.mark.parametrize(
     "algo, kl, clip_mode, loss_type",
-    [("rpg", "urkl", "dual", "dapo"), ("rpg_reinforce", "fkl", "dual", "grpo"),
-     ("rpg_reinforce", "rkl", "truncate", "dr_grpo"), ("rpg_reinforce", "ufkl", "none", "bnpo")],
+    [
+        ("rpg", "urkl", "dual", "dapo"),
+        ("rpg_reinforce", "fkl", "dual", "grpo"),
+        ("rpg_reinforce", "rkl", "truncate", "dr_grpo"),
+        ("rpg_reinforce", "ufkl", "none", "bnpo"),
+    ],
 )
 def test_rpg_algos_equal_rpg_loss_on_trl_logprobs(tiny_model_dir, tmp_path, algo, kl, clip_mode, loss_type):
     """Our trainer's RPG loss equals rk.rpg_loss on TRL's own log-probs with TRL's normalisation."""
     import rpg_kernels as rk
 
-    args = _args(tmp_path, loss_type=loss_type, rpg_algo=algo, rpg_kl=kl, rpg_clip_mode=clip_mode, beta=0.05,
-                 epsilon_high=0.28, rpg_clip_c=4.0, temperature=0.9)
+    args = _args(
+        tmp_path,
+        loss_type=loss_type,
+        rpg_algo=algo,
+        rpg_kl=kl,
+        rpg_clip_mode=clip_mode,
+        beta=0.05,
+        epsilon_high=0.28,
+        rpg_clip_c=4.0,
+        temperature=0.9,
+    )
     trainer = _trainer(tiny_model_dir, args)
     inputs = _first_micro_batch(trainer, seed=7)
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -148,8 +172,14 @@ def test_rpg_algos_equal_rpg_loss_on_trl_logprobs(tiny_model_dir, tmp_path, algo
         keep = mask.shape[1]
         logps, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, keep)
         num_items = trainer._normaliser(x, mask, "train")
-        loss, _ = rk.rpg_loss(logps, x["old_per_token_logps"], x["advantages"], mask,
-                              config=trainer.loss_config, num_items=num_items)
+        loss, _ = rk.rpg_loss(
+            logps,
+            x["old_per_token_logps"],
+            x["advantages"],
+            mask,
+            config=trainer.loss_config,
+            num_items=num_items,
+        )
         return loss
 
     ref_loss, ref_grads = _loss_and_grads(reference, trainer, inputs)
@@ -161,12 +191,21 @@ def test_rpg_algos_equal_rpg_loss_on_trl_logprobs(tiny_model_dir, tmp_path, algo
 
 
 def test_rpg_trains_without_reference_model(tiny_model_dir, tmp_path):
-    args = _args(tmp_path, loss_type="dapo", rpg_algo="rpg_reinforce", rpg_kl="urkl", beta=1e-3, max_steps=3,
-                 epsilon_high=0.28, num_iterations=2)
+    args = _args(
+        tmp_path,
+        loss_type="dapo",
+        rpg_algo="rpg_reinforce",
+        rpg_kl="urkl",
+        beta=1e-3,
+        max_steps=3,
+        epsilon_high=0.28,
+        num_iterations=2,
+    )
     trainer = _trainer(tiny_model_dir, args)
     assert trainer.ref_model is None and trainer.beta == 0.0 and args.beta == 1e-3
-    assert trainer.loss_config == LossConfig.preset("rpg_reinforce", kl="urkl", beta=1e-3, eps_low=0.2,
-                                                    eps_high=0.28, clip_c=10.0, agg="token-mean")
+    assert trainer.loss_config == LossConfig.preset(
+        "rpg_reinforce", kl="urkl", beta=1e-3, eps_low=0.2, eps_high=0.28, clip_c=10.0, agg="token-mean"
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
@@ -178,12 +217,30 @@ def test_rpg_trains_without_reference_model(tiny_model_dir, tmp_path):
 
 
 def test_loss_config_mapping(tmp_path):
-    cfg = loss_config_from_grpo_args(GRPOConfig(output_dir=str(tmp_path), loss_type="grpo", beta=0.02,
-                                                epsilon=0.1, epsilon_high=0.3, report_to="none", use_cpu=True,
-                                                bf16=False))
+    cfg = loss_config_from_grpo_args(
+        GRPOConfig(
+            output_dir=str(tmp_path),
+            loss_type="grpo",
+            beta=0.02,
+            epsilon=0.1,
+            epsilon_high=0.3,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+        )
+    )
     assert cfg == LossConfig.preset("grpo", beta=0.02, eps_low=0.1, eps_high=0.3, kl_estimator="k3_is")
-    cfg = loss_config_from_grpo_args(_args(tmp_path, rpg_algo="rpg", rpg_kl="fkl", rpg_clip_mode="none",
-                                           rpg_clip_c=3.0, beta=1e-4, loss_type="dr_grpo"))
+    cfg = loss_config_from_grpo_args(
+        _args(
+            tmp_path,
+            rpg_algo="rpg",
+            rpg_kl="fkl",
+            rpg_clip_mode="none",
+            rpg_clip_c=3.0,
+            beta=1e-4,
+            loss_type="dr_grpo",
+        )
+    )
     assert (cfg.algo, cfg.kl, cfg.clip_mode, cfg.clip_c, cfg.agg) == ("rpg", "fkl", "none", 3.0, "token-mean")
 
 
@@ -217,11 +274,17 @@ def test_peft_lora_matches_trl_and_trains(tiny_model_dir, tmp_path):
     """With a LoRA ``peft_config`` (the reference is the model with adapters disabled): TRL's loss and
     adapter gradients at the first step; training moves the adapters only."""
     peft = pytest.importorskip("peft")
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                           init_lora_weights=False)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+    )
     args = _args(tmp_path, loss_type="grpo", beta=0.04)
-    trainer = RPGGRPOTrainer(model=tiny_model_dir, reward_funcs=digit_share, args=args, peft_config=lora,
-                             train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    trainer = RPGGRPOTrainer(
+        model=tiny_model_dir,
+        reward_funcs=digit_share,
+        args=args,
+        peft_config=lora,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
     assert isinstance(trainer.model, peft.PeftModel) and trainer.ref_model is None
     inputs = _first_micro_batch(trainer, seed=3, perturb=False)
     assert "ref_per_token_logps" in inputs

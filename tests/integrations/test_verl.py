@@ -59,15 +59,22 @@ CASES += [("rpg_reinforce", kl, "truncate") for kl in KLS]
 @pytest.mark.parametrize("algo, kl, clip_mode", CASES)
 def test_matches_rpg_loss_for_every_aggregation(algo, kl, clip_mode):
     fn = rk_verl.POLICY_LOSSES[algo]
-    cfg = {"clip_ratio": 0.2, "clip_ratio_low": 0.15, "clip_ratio_high": 0.28, "clip_ratio_c": 3.0,
-           "policy_loss": {"loss_mode": algo, "rpg_kl": kl, "rpg_beta": 0.05, "rpg_clip_mode": clip_mode}}
-    expected_cfg = LossConfig.preset(algo, kl=kl, beta=0.05, eps_low=0.15, eps_high=0.28, clip_c=3.0,
-                                     clip_mode=clip_mode)
+    cfg = {
+        "clip_ratio": 0.2,
+        "clip_ratio_low": 0.15,
+        "clip_ratio_high": 0.28,
+        "clip_ratio_c": 3.0,
+        "policy_loss": {"loss_mode": algo, "rpg_kl": kl, "rpg_beta": 0.05, "rpg_clip_mode": clip_mode},
+    }
+    expected_cfg = LossConfig.preset(
+        algo, kl=kl, beta=0.05, eps_low=0.15, eps_high=0.28, clip_c=3.0, clip_mode=clip_mode
+    )
     for seed, info in enumerate(GLOBAL_INFOS):
         old, logp, advantages, mask = _inputs(seed)
         prepared = prepare_loss_inputs(logp, old, advantages, mask)
-        per_token = token_losses(prepared.logprobs, prepared.old_logprobs, prepared.advantages, prepared.mask,
-                                 None, expected_cfg).loss
+        per_token = token_losses(
+            prepared.logprobs, prepared.old_logprobs, prepared.advantages, prepared.mask, None, expected_cfg
+        ).loss
         for mode in rk_verl.VERL_AGG_MODES:
             loss, metrics = fn(old, logp, advantages, mask, mode, {**cfg, "global_batch_info": info})
             expected = _verl_agg_reference(per_token, mask, mode, info)
@@ -100,11 +107,13 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="loss_agg_mode"):
         rk_verl.compute_policy_loss_rpg(old, logp, advantages, mask, "token-avg", {})
     with pytest.raises(ValueError, match="batch_num_tokens"):
-        rk_verl.compute_policy_loss_rpg(old, logp, advantages, mask, "token-mean",
-                                        {"global_batch_info": {"dp_size": 2}})
+        rk_verl.compute_policy_loss_rpg(
+            old, logp, advantages, mask, "token-mean", {"global_batch_info": {"dp_size": 2}}
+        )
     with pytest.raises(ValueError, match="rollout_is_weights"):
-        rk_verl.compute_policy_loss_rpg(old, logp, advantages, mask, "token-mean", {},
-                                        rollout_is_weights=torch.ones_like(old))
+        rk_verl.compute_policy_loss_rpg(
+            old, logp, advantages, mask, "token-mean", {}, rollout_is_weights=torch.ones_like(old)
+        )
     with pytest.raises(ValueError, match="algo"):
         rk_verl.register_with_verl("x", algo="grpo")
 
@@ -113,8 +122,9 @@ def test_named_variant_fixes_options():
     registered = rk_verl.register_with_verl("rpg_fkl_test", "rpg", rpg_kl="fkl", rpg_beta=0.3)
     assert registered == HAS_VERL
     old, logp, advantages, mask = _inputs(3)
-    loss, _ = rk_verl.POLICY_LOSSES["rpg_fkl_test"](old, logp, advantages, mask, "token-mean",
-                                                    {"policy_loss": {"rpg_kl": "urkl"}})
+    loss, _ = rk_verl.POLICY_LOSSES["rpg_fkl_test"](
+        old, logp, advantages, mask, "token-mean", {"policy_loss": {"rpg_kl": "urkl"}}
+    )
     expected_cfg = LossConfig.preset("rpg", kl="fkl", beta=0.3, eps_low=0.2, eps_high=0.2, clip_c=3.0)
     direct, _ = rpg_loss(logp, old, advantages, mask, config=expected_cfg)
     torch.testing.assert_close(loss, direct, rtol=0, atol=0)
@@ -127,13 +137,23 @@ def test_through_verl_registry_matches_verl_vanilla():
 
     assert core_algos.get_policy_loss_fn("rpg") is rk_verl.compute_policy_loss_rpg
     assert core_algos.get_policy_loss_fn("rpg_reinforce") is rk_verl.compute_policy_loss_rpg_reinforce
-    actor = omega_conf_to_dataclass({
-        "_target_": "verl.workers.config.ActorConfig", "strategy": "fsdp", "rollout_n": 4,
-        "ppo_micro_batch_size_per_gpu": 2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
-        "clip_ratio_c": 3.0,
-        "policy_loss": {"_target_": "rpg_kernels.integrations.verl.RPGPolicyLossConfig", "loss_mode": "rpg",
-                        "rpg_beta": 0.0, "rpg_kl": "fkl"},
-    })
+    actor = omega_conf_to_dataclass(
+        {
+            "_target_": "verl.workers.config.ActorConfig",
+            "strategy": "fsdp",
+            "rollout_n": 4,
+            "ppo_micro_batch_size_per_gpu": 2,
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.28,
+            "clip_ratio_c": 3.0,
+            "policy_loss": {
+                "_target_": "rpg_kernels.integrations.verl.RPGPolicyLossConfig",
+                "loss_mode": "rpg",
+                "rpg_beta": 0.0,
+                "rpg_kl": "fkl",
+            },
+        }
+    )
     assert type(actor.policy_loss).__name__ == "RPGPolicyLossConfig" and actor.policy_loss.rpg_kl == "fkl"
     for seed, info in enumerate(GLOBAL_INFOS):
         actor.global_batch_info.clear()
@@ -163,14 +183,16 @@ def test_fused_forward_matches_model_log_softmax(make_tiny_lm):
     attention_mask[0, :3] = 0
     with torch.no_grad():
         expected_logp, expected_entropy = _next_token_reference(model, input_ids, attention_mask, 0.8)
-        out = rk_verl.fused_causal_lm_forward(model, input_ids=input_ids, attention_mask=attention_mask,
-                                              temperature=0.8, return_dict=True)
+        out = rk_verl.fused_causal_lm_forward(
+            model, input_ids=input_ids, attention_mask=attention_mask, temperature=0.8, return_dict=True
+        )
     torch.testing.assert_close(out.log_probs, expected_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.entropy, expected_entropy, rtol=1e-5, atol=1e-5)
     shifted = torch.roll(input_ids, shifts=-1, dims=-1)
     with torch.no_grad():
-        by_shift = rk_verl.fused_causal_lm_forward(model, input_ids=input_ids, attention_mask=attention_mask,
-                                                   shift_labels=shifted, temperature=0.8)
+        by_shift = rk_verl.fused_causal_lm_forward(
+            model, input_ids=input_ids, attention_mask=attention_mask, shift_labels=shifted, temperature=0.8
+        )
     torch.testing.assert_close(by_shift.log_probs, out.log_probs, rtol=0, atol=0)
 
 

@@ -64,13 +64,25 @@ def every_combination():
 def compile_one(cfg, cc, compute_dtype, input_type, run_ptxas):
     compute = DTYPE_NAMES[compute_dtype]
     types = {name: f"*{compute}" for name in POINTERS}
-    types.update(logp_ptr=f"*{input_type}", params_ptr=f"*{compute}", mask_ptr="*i8", zone_ptr="*i8",
-                 n_tokens="i64", adv_div="i64")  # fmt: skip
+    types.update(
+        logp_ptr=f"*{input_type}",
+        params_ptr=f"*{compute}",
+        mask_ptr="*i8",
+        zone_ptr="*i8",
+        n_tokens="i64",
+        adv_div="i64",
+    )
     constexprs = epilogue.kernel_constexprs(cfg, compute_dtype)
     kernel = epilogue.token_loss_epilogue_kernel
     constexprs = dict(constexprs, BLOCK=epilogue.DEFAULT_BLOCK)
-    art = aot.compile_kernel(kernel, aot.signature_of(kernel, types), constexprs, cc=cc,
-                             num_warps=epilogue.NUM_WARPS, run_ptxas=run_ptxas)  # fmt: skip
+    art = aot.compile_kernel(
+        kernel,
+        aot.signature_of(kernel, types),
+        constexprs,
+        cc=cc,
+        num_warps=epilogue.NUM_WARPS,
+        run_ptxas=run_ptxas,
+    )
     target = next(line.split()[1] for line in art.ptx.splitlines() if line.startswith(".target"))
     return dict(
         constexprs={

@@ -66,8 +66,10 @@ def test_split_batch_with_global_num_items_sums_to_full_batch(agg, algo):
     cfg = LossConfig.preset(algo, agg=agg)
     full_loss, full_grad, _, _ = loss_and_logprob_grads(logprobs, old, adv, mask, ref, cfg)
     count = int(mask.sum()) if agg == "token-mean" else int((mask.sum(1) > 0).sum())
-    parts = [loss_and_logprob_grads(logprobs[s], old[s], adv[s], mask[s], ref[s], cfg, num_items=count)
-             for s in (slice(0, 3), slice(3, 6))]  # fmt: skip
+    parts = [
+        loss_and_logprob_grads(logprobs[s], old[s], adv[s], mask[s], ref[s], cfg, num_items=count)
+        for s in (slice(0, 3), slice(3, 6))
+    ]
     torch.testing.assert_close(parts[0][0] + parts[1][0], full_loss, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), full_grad, rtol=1e-13, atol=1e-16)
     # without num_items the halves are normalised on their own and generally differ

@@ -37,8 +37,17 @@ def test_baseline_presets(name, estimator, beta, eps_low, eps_high, agg):
 
 def test_every_algo_has_a_preset_and_every_knob_is_overridable():
     assert set(PRESETS) == set(ALGOS)
-    cfg = LossConfig.preset("grpo", kl_estimator="k3_is", beta=0.01, eps_low=0.1, eps_high=0.3, clip_c=3.0,
-                            clip_mode="none", agg="token-mean", kl_clamp=10.0)  # fmt: skip
+    cfg = LossConfig.preset(
+        "grpo",
+        kl_estimator="k3_is",
+        beta=0.01,
+        eps_low=0.1,
+        eps_high=0.3,
+        clip_c=3.0,
+        clip_mode="none",
+        agg="token-mean",
+        kl_clamp=10.0,
+    )
     assert (cfg.kl_estimator, cfg.beta, cfg.eps_low, cfg.eps_high, cfg.clip_c) == (
         "k3_is",
         0.01,

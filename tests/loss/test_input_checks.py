@@ -79,8 +79,10 @@ def test_entropy_checked():
         rpg_loss(**good_inputs(), entropy=torch.zeros(B, T, dtype=torch.long))
 
 
-@pytest.mark.parametrize("num_items, error", [(-1, ValueError), (float("nan"), ValueError), ("3", TypeError),
-                                              (torch.ones(2), ValueError)])  # fmt: skip
+@pytest.mark.parametrize(
+    "num_items, error",
+    [(-1, ValueError), (float("nan"), ValueError), ("3", TypeError), (torch.ones(2), ValueError)],
+)
 def test_bad_num_items(num_items, error):
     with pytest.raises(error, match="num_items"):
         rpg_loss(**good_inputs(), num_items=num_items)

@@ -71,10 +71,17 @@ def test_expected_loss_gradient_is_minus_objective_gradient(kl, style, ref_is_ol
         theta2 = theta.detach() + 0.3
         log_pi2 = torch.log_softmax(theta2, 0) if measure == "softmax" else theta2
         loss2 = sum(
-            old[y] * rpg_loss(log_pi2, old.log(), rewards, torch.arange(K) == y,
-                              None if ref_is_old else ref.log(), config=cfg)[0]
+            old[y]
+            * rpg_loss(
+                log_pi2,
+                old.log(),
+                rewards,
+                torch.arange(K) == y,
+                None if ref_is_old else ref.log(),
+                config=cfg,
+            )[0]
             for y in range(K)
-        )  # fmt: skip
+        )
         objective2 = (log_pi2.exp() * rewards).sum() - BETA * divergence(kl, log_pi2.exp(), ref)
         torch.testing.assert_close(loss2 + objective2, constant, rtol=1e-10, atol=1e-12)
 

@@ -37,8 +37,9 @@ def test_streaming_equals_rpg_loss(algo, kl, agg, with_ref, num_items, chunk):
 
     lp = logprobs.clone().requires_grad_()
     ent = entropy.clone().requires_grad_()
-    expected, expected_metrics = rk.rpg_loss(lp, old, adv, mask, ref, cfg, num_items, entropy=ent,
-                                             entropy_coef=coef)
+    expected, expected_metrics = rk.rpg_loss(
+        lp, old, adv, mask, ref, cfg, num_items, entropy=ent, entropy_coef=coef
+    )
     expected.backward()
 
     stream = StreamingLoss(torch.float32, old, adv, mask, ref, cfg, num_items, coef)

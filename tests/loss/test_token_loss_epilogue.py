@@ -150,8 +150,15 @@ def test_mixed_dtypes_entropy_num_items_and_sequence_advantages():
     t = to_device(t)
     cfg = LossConfig.preset("rpg_reinforce", agg="seq-mean-token-mean")
     entropy = torch.rand(5, 33, device=DEVICE).masked_fill(~t["mask"], float("nan"))
-    args = (t["lp"].to(torch.bfloat16), t["lo"].float(), t["a"][:, 0].nan_to_num().float(), t["mask"],
-            t["lref"].float(), cfg, 7)  # fmt: skip
+    args = (
+        t["lp"].to(torch.bfloat16),
+        t["lo"].float(),
+        t["a"][:, 0].nan_to_num().float(),
+        t["mask"],
+        t["lref"].float(),
+        cfg,
+        7,
+    )
     kwargs = dict(entropy=entropy, entropy_coef=0.03)
     expected = loss_and_logprob_grads(*args, **kwargs, backend="torch")
     got = loss_and_logprob_grads(*args, **kwargs, backend="triton")
@@ -175,8 +182,12 @@ def test_all_zero_mask_and_gspo_fallback():
         assert all(float(v) == 0.0 for v in metrics.values())
     gspo = LossConfig.preset("gspo")
     args = (t["lp"], t["lo"], t["a"], t["mask"], t["lref"], gspo)
-    torch.testing.assert_close(loss_and_logprob_grads(*args, backend="triton")[1],
-                               loss_and_logprob_grads(*args, backend="torch")[1], rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        loss_and_logprob_grads(*args, backend="triton")[1],
+        loss_and_logprob_grads(*args, backend="torch")[1],
+        rtol=0,
+        atol=0,
+    )
     with pytest.raises(ValueError, match="algo"):
         epilogue.kernel_constexprs(gspo, torch.float32)
 
@@ -198,7 +209,7 @@ def run_workers(*args: str, timeout: float) -> dict[int, list[dict]]:
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
         for cc in (80, 90)
     }
     results = {}

@@ -35,9 +35,16 @@ def config_cases():
 
 def as_dict(cfg: LossConfig) -> dict:
     return dict(
-        algo=cfg.algo, kl=cfg.kl, kl_estimator=cfg.kl_estimator, beta=cfg.beta, eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high, clip_c=cfg.clip_c, clip_mode=cfg.clip_mode, kl_clamp=cfg.kl_clamp,
-    )  # fmt: skip
+        algo=cfg.algo,
+        kl=cfg.kl,
+        kl_estimator=cfg.kl_estimator,
+        beta=cfg.beta,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        clip_c=cfg.clip_c,
+        clip_mode=cfg.clip_mode,
+        kl_clamp=cfg.kl_clamp,
+    )
 
 
 def case_id(case):
@@ -100,8 +107,16 @@ def test_inputs_cover_every_zone():
 
 @pytest.mark.parametrize("kl_clamp", [0.05, 0.5])
 @pytest.mark.parametrize("kl", KLS)
-@pytest.mark.parametrize("algo_mode", [("rpg", "none"), ("rpg", "dual"), ("rpg_reinforce", "none"),
-                                       ("rpg_reinforce", "dual"), ("grpo", "dual")])  # fmt: skip
+@pytest.mark.parametrize(
+    "algo_mode",
+    [
+        ("rpg", "none"),
+        ("rpg", "dual"),
+        ("rpg_reinforce", "none"),
+        ("rpg_reinforce", "dual"),
+        ("grpo", "dual"),
+    ],
+)
 def test_kl_clamp_matches_reference(algo_mode, kl, kl_clamp):
     algo, mode = algo_mode
     extra = dict(kl=kl) if algo != "grpo" else dict(kl_estimator={"fkl": "k1", "rkl": "k2"}.get(kl, "k3"))

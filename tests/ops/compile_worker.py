@@ -42,14 +42,34 @@ def main(cc: int) -> None:
         if aligned:
             divisible += [name for name in signature if name == "H" or name.startswith("stride")]
         start = time.time()
-        art = compile_kernel(kernel, signature, {**constexprs, **cfg.meta()}, cc=cc, num_warps=cfg.num_warps,
-                             num_stages=cfg.num_stages, divisible_by_16=tuple(divisible))
-        results.append(dict(
-            family=family, kernel=art.name, dtype=dtype, constexprs=constexprs, config=cfg.meta(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=aligned, cc=cc,
-            wgmma=art.has_wgmma, mma=art.has_mma, registers=art.registers, spill_bytes=art.spill_bytes,
-            shared_bytes=art.shared_bytes, seconds=round(time.time() - start, 2),
-        ))
+        art = compile_kernel(
+            kernel,
+            signature,
+            {**constexprs, **cfg.meta()},
+            cc=cc,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            divisible_by_16=tuple(divisible),
+        )
+        results.append(
+            dict(
+                family=family,
+                kernel=art.name,
+                dtype=dtype,
+                constexprs=constexprs,
+                config=cfg.meta(),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                aligned=aligned,
+                cc=cc,
+                wgmma=art.has_wgmma,
+                mma=art.has_mma,
+                registers=art.registers,
+                spill_bytes=art.spill_bytes,
+                shared_bytes=art.shared_bytes,
+                seconds=round(time.time() - start, 2),
+            )
+        )
     print(json.dumps(results))
 
 

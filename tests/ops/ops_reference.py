@@ -22,9 +22,19 @@ class Problem:
     temperature: float
 
 
-def make_problem(seed: int, n: int, h: int, v: int, dtype=torch.float32, device="cpu", bias: bool = True,
-                 logit_scale: float = 3.0, temperature: float = 0.7, ignore_frac: float = 0.15,
-                 ignore_index: int = -100) -> Problem:
+def make_problem(
+    seed: int,
+    n: int,
+    h: int,
+    v: int,
+    dtype=torch.float32,
+    device="cpu",
+    bias: bool = True,
+    logit_scale: float = 3.0,
+    temperature: float = 0.7,
+    ignore_frac: float = 0.15,
+    ignore_index: int = -100,
+) -> Problem:
     """Random inputs whose logits have standard deviation about ``logit_scale * temperature``."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen)
@@ -35,8 +45,15 @@ def make_problem(seed: int, n: int, h: int, v: int, dtype=torch.float32, device=
     grad_logprob = torch.randn(n, generator=gen)
     grad_entropy = torch.randn(n, generator=gen)
     to = lambda t: None if t is None else t.to(device=device, dtype=dtype)
-    return Problem(to(hidden), to(weight), to(b), targets.to(device), grad_logprob.to(device),
-                   grad_entropy.to(device), temperature)
+    return Problem(
+        to(hidden),
+        to(weight),
+        to(b),
+        targets.to(device),
+        grad_logprob.to(device),
+        grad_entropy.to(device),
+        temperature,
+    )
 
 
 def reference(p: Problem, ignore_index: int = -100, with_entropy_grad: bool = True) -> dict:
@@ -57,8 +74,13 @@ def reference(p: Problem, ignore_index: int = -100, with_entropy_grad: bool = Tr
         objective = objective + (p.grad_entropy.double() * entropy).sum()
     objective.backward()
     return dict(
-        logprob=logprob.detach(), entropy=entropy.detach(), lse=torch.logsumexp(z, -1).detach(),
-        logit_max=z.detach().abs().max(), dh=h.grad, dw=w.grad, db=b.grad if b is not None else None,
+        logprob=logprob.detach(),
+        entropy=entropy.detach(),
+        lse=torch.logsumexp(z, -1).detach(),
+        logit_max=z.detach().abs().max(),
+        dh=h.grad,
+        dw=w.grad,
+        db=b.grad if b is not None else None,
     )
 
 

@@ -30,15 +30,26 @@ CASES = [
 @pytest.mark.parametrize("seed,n,h,v,chunk", CASES)
 def test_chunked_matches_float64_reference(seed, n, h, v, chunk):
     p = make_problem(seed, n, h, v, bias=seed % 2 == 0, temperature=0.5 + seed / 7)
-    logprob, lse, entropy = chunked_forward(p.hidden, p.weight, p.bias, p.targets, p.temperature,
-                                            with_entropy=True, chunk_elements=chunk)
+    logprob, lse, entropy = chunked_forward(
+        p.hidden, p.weight, p.bias, p.targets, p.temperature, with_entropy=True, chunk_elements=chunk
+    )
     ref = reference(p)
     scale = ref["logit_max"].item()
     assert_close("logprob", logprob, ref["logprob"], 1e-5, scale=scale)
     assert_close("lse", lse, ref["lse"], 1e-5, scale=scale)
     assert_close("entropy", entropy, ref["entropy"], 1e-5)
-    dh, dw, db = chunked_backward(p.hidden, p.weight, p.bias, p.targets, lse, entropy, p.grad_logprob,
-                                  p.grad_entropy, p.temperature, chunk_elements=chunk)
+    dh, dw, db = chunked_backward(
+        p.hidden,
+        p.weight,
+        p.bias,
+        p.targets,
+        lse,
+        entropy,
+        p.grad_logprob,
+        p.grad_entropy,
+        p.temperature,
+        chunk_elements=chunk,
+    )
     assert_close("dh", dh, ref["dh"], 1e-5)
     assert_close("dw", dw, ref["dw"], 1e-5)
     if p.bias is not None:
@@ -49,14 +60,25 @@ def test_chunked_matches_float64_reference(seed, n, h, v, chunk):
 @pytest.mark.parametrize("seed", range(3))
 def test_chunked_huge_logits(seed):
     p = make_problem(10 + seed, 64, 32, 500, logit_scale=400.0, temperature=1.0)
-    logprob, lse, entropy = chunked_forward(p.hidden, p.weight, p.bias, p.targets, 1.0, with_entropy=True,
-                                            chunk_elements=64 * 100)
+    logprob, lse, entropy = chunked_forward(
+        p.hidden, p.weight, p.bias, p.targets, 1.0, with_entropy=True, chunk_elements=64 * 100
+    )
     ref = reference(p)
     assert ref["logit_max"] > 1000
     assert_close("logprob", logprob, ref["logprob"], 1e-6, scale=ref["logit_max"].item())
     assert_close("entropy", entropy, ref["entropy"], 1e-3)
-    dh, dw, db = chunked_backward(p.hidden, p.weight, p.bias, p.targets, lse, entropy, p.grad_logprob,
-                                  p.grad_entropy, 1.0, chunk_elements=64 * 100)
+    dh, dw, db = chunked_backward(
+        p.hidden,
+        p.weight,
+        p.bias,
+        p.targets,
+        lse,
+        entropy,
+        p.grad_logprob,
+        p.grad_entropy,
+        1.0,
+        chunk_elements=64 * 100,
+    )
     assert_close("dh", dh, ref["dh"], 1e-4)
     assert_close("dw", dw, ref["dw"], 1e-4)
 
@@ -78,8 +100,9 @@ def test_gradcheck_float64(with_bias, entropy):
         inputs.append(p.bias.requires_grad_())
 
     def fn(h, w, b=None):
-        out = rk.fused_linear_logprobs(h, w, p.targets, bias=b, temperature=0.8, return_entropy=entropy,
-                                       backend="torch")
+        out = rk.fused_linear_logprobs(
+            h, w, p.targets, bias=b, temperature=0.8, return_entropy=entropy, backend="torch"
+        )
         return out
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)

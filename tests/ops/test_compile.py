@@ -25,8 +25,14 @@ FP32_SPILL_LIMIT = 512  # bytes; the fp32 ("ieee", CUDA-core) tiles are the slow
 def compiled() -> dict[int, list[dict]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = {
-        cc: subprocess.Popen([sys.executable, str(WORKER), str(cc)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cc: subprocess.Popen(
+            [sys.executable, str(WORKER), str(cc)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for cc in (80, 90)
     }
     results = {}

@@ -25,8 +25,9 @@ def make_batch(seed, b=3, t=7, h=24, v=97, bias=True, with_ref=False, flat=False
     old = -torch.rand(b, t, generator=gen) * 4 - 1
     ref = old + 0.1 * torch.randn(b, t, generator=gen) if with_ref else None
     adv = torch.randn(b, generator=gen)
-    batch = dict(hidden=hidden, weight=weight, bias=bias_t, targets=targets, old=old, adv=adv, mask=mask,
-                 ref=ref)
+    batch = dict(
+        hidden=hidden, weight=weight, bias=bias_t, targets=targets, old=old, adv=adv, mask=mask, ref=ref
+    )
     if flat:
         for key in ("hidden", "targets", "old", "mask", "ref"):
             if batch[key] is not None:
@@ -51,24 +52,53 @@ def test_fused_loss_equals_loss_of_fused_logprobs(algo, backend):
     kwargs = dict(config=cfg, temperature=0.8, bias=None, entropy_coef=entropy_coef)
 
     h1, w1, b1 = leaves(batch)
-    loss1, metrics1 = rk.fused_linear_rpg_loss(h1, w1, batch["targets"], batch["old"], batch["adv"],
-                                               batch["mask"], batch["ref"], **{**kwargs, "bias": b1},
-                                               backend=backend)
+    loss1, metrics1 = rk.fused_linear_rpg_loss(
+        h1,
+        w1,
+        batch["targets"],
+        batch["old"],
+        batch["adv"],
+        batch["mask"],
+        batch["ref"],
+        **{**kwargs, "bias": b1},
+        backend=backend,
+    )
     (2.5 * loss1).backward()
 
     h2, w2, b2 = leaves(batch)
-    logprobs, entropy = rk.fused_linear_logprobs(h2, w2, batch["targets"], bias=b2, temperature=0.8,
-                                                 return_entropy=True, backend=backend)
-    loss2, metrics2 = rk.rpg_loss(logprobs, batch["old"], batch["adv"], batch["mask"], batch["ref"], cfg,
-                                  entropy=entropy, entropy_coef=entropy_coef)
+    logprobs, entropy = rk.fused_linear_logprobs(
+        h2, w2, batch["targets"], bias=b2, temperature=0.8, return_entropy=True, backend=backend
+    )
+    loss2, metrics2 = rk.rpg_loss(
+        logprobs,
+        batch["old"],
+        batch["adv"],
+        batch["mask"],
+        batch["ref"],
+        cfg,
+        entropy=entropy,
+        entropy_coef=entropy_coef,
+    )
     (2.5 * loss2).backward()
 
     assert torch.isfinite(loss1) and loss1.dim() == 0
     torch.testing.assert_close(loss1, loss2.to(loss1.dtype), rtol=1e-5, atol=1e-6)
-    for name in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean",
-                 "ratio_max", "entropy"):
-        torch.testing.assert_close(torch.as_tensor(metrics1[name]).float(),
-                                   torch.as_tensor(metrics2[name]).float(), rtol=1e-4, atol=1e-5)
+    for name in (
+        "kl",
+        "clip_frac",
+        "clip_frac_low",
+        "clip_frac_high",
+        "clip_frac_dual",
+        "ratio_mean",
+        "ratio_max",
+        "entropy",
+    ):
+        torch.testing.assert_close(
+            torch.as_tensor(metrics1[name]).float(),
+            torch.as_tensor(metrics2[name]).float(),
+            rtol=1e-4,
+            atol=1e-5,
+        )
     for name, a, b in (("hidden", h1, h2), ("weight", w1, w2), ("bias", b1, b2)):
         assert a.grad is not None and torch.isfinite(a.grad).all(), name
         assert_close(f"grad {name}", a.grad, b.grad, 1e-4, scale=1e-6)
@@ -84,9 +114,21 @@ def test_torch_single_pass_equals_two_passes(algo, monkeypatch):
     for single_pass in (True, False):
         monkeypatch.setattr(fused, "single_pass_fits", lambda v, fits=single_pass: fits)
         h, w, b = leaves(batch)
-        loss, metrics = rk.fused_linear_rpg_loss(h, w, batch["targets"], batch["old"], batch["adv"],
-                                                 batch["mask"], batch["ref"], cfg, temperature=1.3, bias=b,
-                                                 entropy_coef=0.02, num_items=4, backend="torch")
+        loss, metrics = rk.fused_linear_rpg_loss(
+            h,
+            w,
+            batch["targets"],
+            batch["old"],
+            batch["adv"],
+            batch["mask"],
+            batch["ref"],
+            cfg,
+            temperature=1.3,
+            bias=b,
+            entropy_coef=0.02,
+            num_items=4,
+            backend="torch",
+        )
         loss.backward()
         results.append((loss, metrics, h.grad, w.grad, b.grad))
     (loss1, metrics1, *grads1), (loss2, metrics2, *grads2) = results
@@ -103,15 +145,22 @@ def test_torch_single_pass_equals_two_passes(algo, monkeypatch):
 def test_fused_logprobs_shapes_dtypes_and_reference(backend):
     p = make_problem(3, 21, 24, 97, device=DEVICE)
     hidden = p.hidden.reshape(3, 7, 24)
-    logprobs, entropy = rk.fused_linear_logprobs(hidden, p.weight, p.targets.reshape(3, 7), bias=p.bias,
-                                                 temperature=p.temperature, return_entropy=True,
-                                                 backend=backend)
+    logprobs, entropy = rk.fused_linear_logprobs(
+        hidden,
+        p.weight,
+        p.targets.reshape(3, 7),
+        bias=p.bias,
+        temperature=p.temperature,
+        return_entropy=True,
+        backend=backend,
+    )
     assert logprobs.shape == (3, 7) and entropy.shape == (3, 7) and logprobs.dtype == torch.float32
     ref = reference(p)
     assert_close("logprob", logprobs.reshape(-1), ref["logprob"], 1e-5, scale=ref["logit_max"].item())
     assert_close("entropy", entropy.reshape(-1), ref["entropy"], 1e-5)
-    only = rk.fused_linear_logprobs(hidden, p.weight, p.targets.reshape(3, 7), bias=p.bias,
-                                    temperature=p.temperature, backend=backend)
+    only = rk.fused_linear_logprobs(
+        hidden, p.weight, p.targets.reshape(3, 7), bias=p.bias, temperature=p.temperature, backend=backend
+    )
     torch.testing.assert_close(only, logprobs)
 
 
@@ -121,8 +170,9 @@ def test_entropy_only_backward(backend):
     p = make_problem(4, 30, 16, 77, device=DEVICE)
     p.grad_logprob.zero_()
     h, w, b = (t.clone().requires_grad_() for t in (p.hidden, p.weight, p.bias))
-    _, entropy = rk.fused_linear_logprobs(h, w, p.targets, bias=b, temperature=p.temperature,
-                                          return_entropy=True, backend=backend)
+    _, entropy = rk.fused_linear_logprobs(
+        h, w, p.targets, bias=b, temperature=p.temperature, return_entropy=True, backend=backend
+    )
     (entropy * p.grad_entropy).sum().backward()
     ref = reference(p)
     assert_close("dh", h.grad, ref["dh"], 1e-5)
@@ -134,8 +184,16 @@ def test_entropy_only_backward(backend):
 def test_all_zero_mask_gives_zero_loss_and_grads(backend):
     batch = make_batch(11)
     h, w, b = leaves(batch)
-    loss, _ = rk.fused_linear_rpg_loss(h, w, batch["targets"], batch["old"], batch["adv"],
-                                       torch.zeros_like(batch["mask"]), bias=b, backend=backend)
+    loss, _ = rk.fused_linear_rpg_loss(
+        h,
+        w,
+        batch["targets"],
+        batch["old"],
+        batch["adv"],
+        torch.zeros_like(batch["mask"]),
+        bias=b,
+        backend=backend,
+    )
     loss.backward()
     assert loss.item() == 0.0
     for t in (h, w, b):
@@ -161,8 +219,9 @@ def test_mixed_dtypes_promote_and_grads_keep_input_dtypes():
     batch = make_batch(13)
     h = batch["hidden"].to(torch.bfloat16).requires_grad_()
     w = batch["weight"].clone().requires_grad_()
-    loss, _ = rk.fused_linear_rpg_loss(h, w, batch["targets"], batch["old"], batch["adv"], batch["mask"],
-                                       backend="torch")
+    loss, _ = rk.fused_linear_rpg_loss(
+        h, w, batch["targets"], batch["old"], batch["adv"], batch["mask"], backend="torch"
+    )
     loss.backward()
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
 
@@ -173,8 +232,9 @@ def test_rpg_loss_module_matches_function():
     module = rk.RPGLoss(cfg, temperature=0.9, entropy_coef=0.02, backend="torch")
     args = (batch["hidden"], batch["weight"], batch["targets"], batch["old"], batch["adv"], batch["mask"])
     loss_m, _ = module(*args, bias=batch["bias"])
-    loss_f, _ = rk.fused_linear_rpg_loss(*args, config=cfg, temperature=0.9, bias=batch["bias"],
-                                         entropy_coef=0.02, backend="torch")
+    loss_f, _ = rk.fused_linear_rpg_loss(
+        *args, config=cfg, temperature=0.9, bias=batch["bias"], entropy_coef=0.02, backend="torch"
+    )
     torch.testing.assert_close(loss_m, loss_f)
     assert "rpg_reinforce" in repr(module)
     with pytest.raises(TypeError, match="config"):
@@ -219,15 +279,30 @@ def test_bad_inputs_raise_naming_the_argument(case):
     changes, error, name = _bad_cases(batch)[case]
     args = {**batch, "config": None, "temperature": 1.0, "backend": "torch", "ignore_index": -100, **changes}
     with pytest.raises(error, match=name):
-        rk.fused_linear_rpg_loss(args["hidden"], args["weight"], args["targets"], args["old"], args["adv"],
-                                 args["mask"], config=args["config"], temperature=args["temperature"],
-                                 bias=args["bias"], backend=args["backend"],
-                                 ignore_index=args["ignore_index"])
+        rk.fused_linear_rpg_loss(
+            args["hidden"],
+            args["weight"],
+            args["targets"],
+            args["old"],
+            args["adv"],
+            args["mask"],
+            config=args["config"],
+            temperature=args["temperature"],
+            bias=args["bias"],
+            backend=args["backend"],
+            ignore_index=args["ignore_index"],
+        )
     if "old" not in changes and "adv" not in changes and "mask" not in changes and "config" not in changes:
         with pytest.raises(error, match=name):
-            rk.fused_linear_logprobs(args["hidden"], args["weight"], args["targets"], bias=args["bias"],
-                                     temperature=args["temperature"], backend=args["backend"],
-                                     ignore_index=args["ignore_index"])
+            rk.fused_linear_logprobs(
+                args["hidden"],
+                args["weight"],
+                args["targets"],
+                bias=args["bias"],
+                temperature=args["temperature"],
+                backend=args["backend"],
+                ignore_index=args["ignore_index"],
+            )
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or the Triton interpreter")
@@ -236,9 +311,18 @@ def test_atomic_backward_through_the_public_api():
     results = []
     for deterministic in (True, False):
         h, w, b = leaves(batch)
-        loss, _ = rk.fused_linear_rpg_loss(h, w, batch["targets"], batch["old"], batch["adv"], batch["mask"],
-                                           bias=b, entropy_coef=0.05, backend="triton",
-                                           deterministic=deterministic)
+        loss, _ = rk.fused_linear_rpg_loss(
+            h,
+            w,
+            batch["targets"],
+            batch["old"],
+            batch["adv"],
+            batch["mask"],
+            bias=b,
+            entropy_coef=0.05,
+            backend="triton",
+            deterministic=deterministic,
+        )
         loss.backward()
         results.append((loss, h.grad, w.grad, b.grad))
     for name, a, b in zip(("loss", "hidden", "weight", "bias"), *results):
@@ -250,5 +334,11 @@ def test_tensors_on_different_devices_raise():
     with pytest.raises(ValueError, match="targets"):
         rk.fused_linear_logprobs(batch["hidden"], batch["weight"], batch["targets"].to("meta"))
     with pytest.raises(ValueError, match="old_logprobs|advantages|mask"):
-        rk.fused_linear_rpg_loss(batch["hidden"], batch["weight"], batch["targets"], batch["old"].to("meta"),
-                                 batch["adv"], batch["mask"])
+        rk.fused_linear_rpg_loss(
+            batch["hidden"],
+            batch["weight"],
+            batch["targets"],
+            batch["old"].to("meta"),
+            batch["adv"],
+            batch["mask"],
+        )

@@ -80,8 +80,18 @@ def test_realistic_bf16_against_fp32_reference(deterministic):
 
     def fused_step():
         h.grad = w.grad = b.grad = None
-        loss, metrics = rk.fused_linear_rpg_loss(h, w, targets, old, adv, mask, config=cfg, bias=b,
-                                                 entropy_coef=entropy_coef, deterministic=deterministic)
+        loss, metrics = rk.fused_linear_rpg_loss(
+            h,
+            w,
+            targets,
+            old,
+            adv,
+            mask,
+            config=cfg,
+            bias=b,
+            entropy_coef=entropy_coef,
+            deterministic=deterministic,
+        )
         loss.backward()
         return loss, metrics
 

@@ -20,12 +20,24 @@ GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def run_backward(p, with_entropy_grad=True, method=None, need=(True, True, True), dz_elements=1 << 28):
-    _, lse, entropy = linear_logprobs_forward(p.hidden, p.weight, p.bias, p.targets, p.temperature,
-                                              with_entropy=with_entropy_grad)
+    _, lse, entropy = linear_logprobs_forward(
+        p.hidden, p.weight, p.bias, p.targets, p.temperature, with_entropy=with_entropy_grad
+    )
     return linear_logprobs_backward(
-        p.hidden, p.weight, p.bias, p.targets, lse, entropy, p.grad_logprob,
-        p.grad_entropy if with_entropy_grad else None, p.temperature,
-        need_hidden=need[0], need_weight=need[1], need_bias=need[2], method=method, dz_elements=dz_elements,
+        p.hidden,
+        p.weight,
+        p.bias,
+        p.targets,
+        lse,
+        entropy,
+        p.grad_logprob,
+        p.grad_entropy if with_entropy_grad else None,
+        p.temperature,
+        need_hidden=need[0],
+        need_weight=need[1],
+        need_bias=need[2],
+        method=method,
+        dz_elements=dz_elements,
     )
 
 
@@ -48,8 +60,9 @@ def check_grads(p, grads, ref, tol):
 @pytest.mark.parametrize("seed,n,h,v", SHAPES)
 def test_backward_matches_float64_reference(seed, n, h, v, dtype, device):
     """Default method ("gemm"), with a dz workspace of ~3 rows of V: several token chunks."""
-    p = make_problem(seed, n, h, v, dtype=dtype, device=device, bias=seed % 2 == 1,
-                     temperature=0.6 + seed / 5)
+    p = make_problem(
+        seed, n, h, v, dtype=dtype, device=device, bias=seed % 2 == 1, temperature=0.6 + seed / 5
+    )
     check_grads(p, run_backward(p, dz_elements=3 * v + 1), reference(p), GRAD_TOL[dtype])
 
 
@@ -64,8 +77,12 @@ def test_backward_methods(seed, dtype, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_backward_logprob_grad_only(method):
     p = make_problem(30 + len(method), 41, 24, 150 + len(method), temperature=1.3)
-    check_grads(p, run_backward(p, with_entropy_grad=False, method=method),
-                reference(p, with_entropy_grad=False), 1e-5)
+    check_grads(
+        p,
+        run_backward(p, with_entropy_grad=False, method=method),
+        reference(p, with_entropy_grad=False),
+        1e-5,
+    )
 
 
 def test_backward_huge_logits_finite():

@@ -24,10 +24,12 @@ LOGPROB_TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("seed,n,h,v", SHAPES)
 def test_forward_matches_float64_reference(seed, n, h, v, dtype, device):
-    p = make_problem(seed, n, h, v, dtype=dtype, device=device, bias=seed % 2 == 0,
-                     temperature=0.5 + seed / 10)
-    logprob, lse, entropy = linear_logprobs_forward(p.hidden, p.weight, p.bias, p.targets, p.temperature,
-                                                    with_entropy=True)
+    p = make_problem(
+        seed, n, h, v, dtype=dtype, device=device, bias=seed % 2 == 0, temperature=0.5 + seed / 10
+    )
+    logprob, lse, entropy = linear_logprobs_forward(
+        p.hidden, p.weight, p.bias, p.targets, p.temperature, with_entropy=True
+    )
     ref = reference(p)
     tol = LOGPROB_TOL[dtype]
     assert_close("logprob", logprob, ref["logprob"], tol, scale=ref["logit_max"].item())
@@ -47,8 +49,9 @@ def test_forward_without_entropy_and_huge_logits(seed):
     assert ref["logit_max"] > 1000
     assert_close("logprob", logprob, ref["logprob"], 1e-5, scale=ref["logit_max"].item())
     assert_close("lse", lse, ref["lse"], 1e-6, scale=ref["logit_max"].item())
-    _, _, entropy = linear_logprobs_forward(p.hidden, p.weight, p.bias, p.targets, p.temperature,
-                                            with_entropy=True)
+    _, _, entropy = linear_logprobs_forward(
+        p.hidden, p.weight, p.bias, p.targets, p.temperature, with_entropy=True
+    )
     assert_close("entropy", entropy, ref["entropy"], 1e-3, scale=1.0)
 
 
@@ -57,8 +60,9 @@ def test_forward_non_contiguous_rows_and_custom_ignore_index():
     wide = torch.randn(40, 50)
     wide[:, 3:27] = p.hidden
     hidden = wide[:, 3:27]  # row stride 50
-    logprob, _, _ = linear_logprobs_forward(hidden, p.weight, p.bias, p.targets, p.temperature,
-                                            ignore_index=7)
+    logprob, _, _ = linear_logprobs_forward(
+        hidden, p.weight, p.bias, p.targets, p.temperature, ignore_index=7
+    )
     ref = reference(p, ignore_index=7)
     assert_close("logprob", logprob, ref["logprob"], 1e-5, scale=ref["logit_max"].item())
 

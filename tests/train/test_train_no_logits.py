@@ -16,8 +16,14 @@ VOCAB, HIDDEN = 8192, 32
 
 
 def tiny_model():
-    return tiny_causal_lm("qwen2", tie_word_embeddings=True, vocab_size=VOCAB, hidden_size=HIDDEN,
-                          num_hidden_layers=1, max_position_embeddings=256)
+    return tiny_causal_lm(
+        "qwen2",
+        tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=1,
+        max_position_embeddings=256,
+    )
 
 
 @pytest.mark.timeout(120)
