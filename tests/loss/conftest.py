@@ -1,6 +1,0 @@
-"""Makes the independent float64 reference (`loss_reference.py`) importable from the tests here."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
