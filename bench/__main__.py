@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench import results_root
 from bench.measure import CaseSpec, run_case, run_case_isolated
 from bench.methods import METHODS
 from bench.report import plot_suites, write_json, write_markdown
@@ -37,7 +38,6 @@ from bench.suites import (
     result_row,
 )
 
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 SUITE_ORDER = ("loss", "logprobs", "matmul", "long-context")
 PACKAGES = ("torch", "triton", "numpy", "liger_kernel", "cut_cross_entropy", "rpg-kernels")
 
@@ -61,7 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (the CPU check)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="results folder (default bench/results/<device>-<date>)"
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: bench/results/<device>-<date>, see bench.results_root)",
     )
     parser.add_argument(
         "--budget-gib",
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> Path:
     repeats = args.repeats or (2 if args.quick else 5)
     name = device_name(device)
     now = dt.datetime.now(dt.timezone.utc)
-    out_dir = args.out or RESULTS_ROOT / f"{slug(name.split(',')[0])}-{now:%Y-%m-%d}"
+    out_dir = args.out or results_root() / f"{slug(name.split(',')[0])}-{now:%Y-%m-%d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": device,

@@ -1,4 +1,4 @@
-"""``python -m bench.worker SPEC_JSON OUT_JSON``: run one case in this fresh process (see measure.py)."""
+"""``python -m bench.worker CASE_JSON OUT_JSON``: run one case in this fresh process (see measure.py)."""
 
 import sys
 

@@ -1,6 +1,6 @@
 """rpg-kernels: fused kernels for the RPG family of KL-regularised policy-gradient losses.
 
-Public API (SPEC §7)::
+Public API (docs/MATH.md §7)::
 
     import rpg_kernels as rk
     cfg = rk.LossConfig.preset("rpg_reinforce", kl="urkl")
@@ -14,7 +14,7 @@ Names are imported lazily so that ``import rpg_kernels`` does not import Triton.
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "LossConfig": "rpg_kernels.config",

@@ -1,4 +1,4 @@
-"""Advantage estimators of SPEC §5 (trainer side).
+"""Advantage estimators of docs/MATH.md §5 (trainer side).
 
 Sequence-level estimators take flat rewards ``[num_prompts * group_size]``, each prompt's
 completions consecutive, and return advantages of the same shape (broadcast over tokens by
@@ -129,7 +129,7 @@ ADVANTAGE_ESTIMATORS = {
     "batch_mean": batch_mean_advantages,
     "reinforce_pp": reinforce_pp_advantages,
 }
-# Each algorithm's usual estimator (SPEC §5).
+# Each algorithm's usual estimator (docs/MATH.md §5).
 _ALIASES = {
     "rpg": "group_mean",
     "rpg_reinforce": "group_mean",

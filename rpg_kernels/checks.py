@@ -1,4 +1,4 @@
-"""Input checks of SPEC §7, shared by every public entry point.
+"""Input checks of docs/MATH.md §7, shared by every public entry point.
 
 Each checker raises ``ValueError`` (or ``TypeError`` for wrong types/dtypes) whose message
 starts with the argument's name. ``None`` arguments are skipped where optional inputs are

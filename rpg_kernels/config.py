@@ -1,4 +1,4 @@
-"""`LossConfig`: which policy-gradient loss to compute, and its knobs (SPEC §2-4).
+"""`LossConfig`: which policy-gradient loss to compute, and its knobs (docs/MATH.md §2-4).
 
 Two families share one dataclass:
 
@@ -36,7 +36,7 @@ AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 
 _INF = float("inf")
 
-# SPEC §3: the paper's defaults for RPG, and the baselines' published settings.
+# docs/MATH.md §3: the paper's defaults for RPG, and the baselines' published settings.
 _RPG_DEFAULTS = dict(
     kl="urkl", beta=1e-4, eps_low=0.2, eps_high=0.28, clip_c=10.0, clip_mode="dual", agg="token-mean"
 )
@@ -71,7 +71,7 @@ def _check_number(field: str, value: Any) -> float:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Configuration of `rpg_kernels.rpg_loss` and the fused losses (SPEC §2-4).
+    """Configuration of `rpg_kernels.rpg_loss` and the fused losses (docs/MATH.md §2-4).
 
     Fields: ``algo`` (one of `ALGOS`); ``kl`` (RPG algos: one of `KLS`; ``None`` means ``urkl``);
     ``kl_estimator`` (baselines: one of `KL_ESTIMATORS` or ``None``); ``beta >= 0``;
@@ -148,7 +148,7 @@ class LossConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LossConfig:
-        """The SPEC §3 preset ``name``, any field overridden: ``preset("grpo", kl_estimator="k3_is")``."""
+        """The preset ``name`` of docs/MATH.md §3 with any field overridden (``preset("grpo", beta=0.0)``)."""
         _check_name("preset", name, tuple(PRESETS))
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

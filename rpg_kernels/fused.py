@@ -1,4 +1,4 @@
-"""Public fused entry points (SPEC §6-7): hidden states -> log-probs / RPG loss, never ``[N, V]`` logits.
+"""Public fused entry points (docs/MATH.md §6-7): hidden states -> log-probs / loss, never ``[N, V]`` logits.
 
 Both functions validate every input before any kernel runs, then dispatch (``rpg_kernels.ops.dispatch``)
 to the Triton kernels (CUDA tensors, or the CPU interpreter under ``TRITON_INTERPRET=1``) or to the
@@ -158,7 +158,7 @@ def fused_linear_rpg_loss(
     and ``loss.backward()`` only scales them. Two passes over the logits in general: pass 1 computes
     per-token log-probs and entropies, ``loss_and_logprob_grads`` turns them into the loss, the metrics
     and the per-token grads ``g_l``, ``g_H``, and pass 2 the grads of ``hidden``, ``weight``, ``bias``
-    (SPEC §6). On the torch backend, for token-level algos (all but ``gspo``) and vocabularies up to
+    (docs/MATH.md §6). On the torch backend, for token-level algos (all but ``gspo``) and vocabularies up to
     262144 (`rpg_kernels.ops.chunked.single_pass_fits`), one pass: each token chunk's logits give its
     log-probs, loss grads and input grads at once (`rpg_kernels.loss.streaming`).
 

@@ -55,7 +55,7 @@ class AlgoConfig:
     loss_overrides: dict[str, Any] = field(default_factory=dict)  # kl, beta, eps_low, eps_high, clip_c, ...
     advantage: str = "rpg"  # rpg_kernels.compute_advantages name
     entropy_coef: float = 0.0
-    reward_kl_beta: float = 0.01  # reinforce_pp only: KL penalty folded into the token rewards (SPEC §5)
+    reward_kl_beta: float = 0.01  # reinforce_pp only: KL penalty in the token rewards (docs/MATH.md §5)
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal, then refill
     dynamic_sampling_max_tries: int = 3
     ref_update: str = "every_step"  # every_step | every_k | kl_threshold | never
@@ -172,7 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             }
         },
     ),
-    # Baselines (SPEC §3 presets; their own advantage estimators, same data / optimiser / lengths).
+    # Baselines (docs/MATH.md §3 presets; their own advantage estimators, same data / optimiser / lengths).
     "grpo": _merge(
         _PAPER_MATH,
         {"algo": {"loss": "grpo", "advantage": "grpo", "loss_overrides": {}, "ref_update": "never"}},

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 PAD_TOKEN, UNK_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "<eos>"
-SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, EOS_TOKEN)
+RESERVED_TOKENS = (PAD_TOKEN, UNK_TOKEN, EOS_TOKEN)
 DIGITS = tuple(str(d) for d in range(10))
 
 # Each operation maps two digits to one digit.
@@ -50,7 +50,7 @@ OPERATIONS: dict[str, Callable[[int, int], int]] = {
 }
 DEFAULT_OPERATIONS = ("max",)
 WORD_OPERATIONS = tuple(op for op in OPERATIONS if op.isalpha())
-VOCAB = (*SPECIAL_TOKENS, *DIGITS, *(op for op in OPERATIONS if not op.isalpha()), "=", *WORD_OPERATIONS)
+VOCAB = (*RESERVED_TOKENS, *DIGITS, *(op for op in OPERATIONS if not op.isalpha()), "=", *WORD_OPERATIONS)
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer): single digits, letter runs, symbol runs.
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -121,7 +121,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in RESERVED_TOKENS])
     tokenizer.add_tokens([AddedToken(word, normalized=False) for word in WORD_OPERATIONS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -1,4 +1,4 @@
-"""Advantage estimators of SPEC §5 against plain Python loops."""
+"""Advantage estimators of docs/MATH.md §5 against plain Python loops."""
 
 import statistics
 

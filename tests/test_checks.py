@@ -1,4 +1,4 @@
-"""SPEC §7 bad inputs raise ValueError/TypeError naming the argument; all-zero masks are harmless."""
+"""docs/MATH.md §7 bad inputs raise ValueError/TypeError naming the argument; all-zero masks are harmless."""
 
 import pytest
 import torch

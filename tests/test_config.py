@@ -1,4 +1,4 @@
-"""LossConfig: presets (SPEC §3), overrides and validation."""
+"""LossConfig: presets (docs/MATH.md §3), overrides and validation."""
 
 import dataclasses
 import math

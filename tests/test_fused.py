@@ -3,12 +3,12 @@ on both backends and for every algo; shapes, dtypes, ignore_index, RPGLoss, bad 
 
 import pytest
 import torch
-from ops_reference import assert_close, make_problem, reference
 
 import rpg_kernels as rk
 from rpg_kernels import fused
 from rpg_kernels.config import ALGOS
 from rpg_kernels.ops.dispatch import resolve_backend, triton_interpreter_enabled
+from tests.ops.ops_reference import assert_close, make_problem, reference
 
 BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() or triton_interpreter_enabled() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -194,7 +194,7 @@ def compute_policy_loss_rpg(
     config: Any = None,
     rollout_is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Fully differentiable RPG (SPEC §3 ``rpg``): ``DC(w, A) + beta * Omega``; verl's signature.
+    """Fully differentiable RPG (docs/MATH.md §3 ``rpg``): ``DC(w, A) + beta * Omega``; verl's signature.
 
     ``old_log_prob``, ``log_prob``, ``response_mask`` ``[B, T]``; ``advantages`` ``[B, T]`` or ``[B]``.
     Returns ``(loss 0-d, metrics dict of floats)``.
@@ -221,7 +221,7 @@ def compute_policy_loss_rpg_reinforce(
     config: Any = None,
     rollout_is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """REINFORCE-style RPG (SPEC §3 ``rpg_reinforce``, RPG-style clip by default); verl's signature."""
+    """REINFORCE-style RPG (docs/MATH.md §3 ``rpg_reinforce``, RPG-style clip by default); verl's API."""
     return _policy_loss(
         "rpg_reinforce",
         {},

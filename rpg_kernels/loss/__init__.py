@@ -75,7 +75,7 @@ def validate_loss_inputs(
     ref_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
 ) -> LossInputs:
-    """Check the SPEC §7 conditions and view every input as ``[B, T]`` (no copies, no casts).
+    """Check the docs/MATH.md §7 conditions and view every input as ``[B, T]`` (no copies, no casts).
 
     ``logprobs [B, T]`` or flat ``[N]`` (one sequence ``[1, N]``); ``old_logprobs``, ``ref_logprobs``,
     ``mask``, ``entropy`` of the same shape; ``advantages`` ``[B]``, ``[B, 1]`` or ``[B, T]``
@@ -201,7 +201,7 @@ def rpg_loss(
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The RPG-family loss of SPEC §2-4 on per-token log-probs.
+    """The RPG-family loss of docs/MATH.md §2-4 on per-token log-probs.
 
     Args:
         logprobs: ``[B, T]`` or ``[N]``, log pi_theta of the sampled tokens (the differentiable input).

@@ -1,4 +1,4 @@
-"""Loss aggregation of SPEC §4 as per-token weights: ``loss = sum(L * weights)``.
+"""Loss aggregation of docs/MATH.md §4 as per-token weights: ``loss = sum(L * weights)``.
 
 With ``m`` the 0/1 mask ``[B, T]``, ``n_b = sum_t m[b, t]`` and ``S`` the number of sequences
 with at least one masked-in token:

@@ -1,8 +1,8 @@
-"""Per-token losses of SPEC §2-3 in PyTorch, differentiable in the log-probs.
+"""Per-token losses of docs/MATH.md §2-3 in PyTorch, differentiable in the log-probs.
 
 All functions take 2-D ``[B, T]`` tensors that are already validated, cast to the compute dtype
 (fp32 or fp64) and sanitised (masked-out entries replaced by zeros), as `rpg_kernels.loss.rpg_loss`
-prepares them. Notation as in SPEC §1: ``l`` current log-probs, ``l_old`` sampler log-probs,
+prepares them. Notation as in docs/MATH.md §1: ``l`` current log-probs, ``l_old`` sampler log-probs,
 ``l_ref`` reference log-probs, ``w = exp(l - l_old)``, ``rho = exp(l - l_ref)``,
 ``kappa = exp(l_ref - l_old)``.
 
@@ -46,7 +46,7 @@ class TokenLosses:
 
 
 def kl_regulariser(kl: str, w: Tensor, log_rho: Tensor, kappa: Tensor | float) -> Tensor:
-    """Omega of SPEC §2 (table 1): the per-token value whose sampler-expectation is the divergence."""
+    """Omega of docs/MATH.md §2 (table 1): the per-token value whose sampler-expectation is the divergence."""
     if kl == "fkl":
         return -kappa * log_rho
     if kl == "rkl":
@@ -59,7 +59,7 @@ def kl_regulariser(kl: str, w: Tensor, log_rho: Tensor, kappa: Tensor | float) -
 
 
 def kl_coefficient(kl: str, w: Tensor, log_rho: Tensor, kappa: Tensor | float, beta: float) -> Tensor:
-    """C(w) of SPEC §3 (rpg_reinforce): ``-beta * dOmega/dl``, so that ``-(w*A + C)`` is dL/dl."""
+    """C(w) of docs/MATH.md §3 (rpg_reinforce): ``-beta * dOmega/dl``, so that ``-(w*A + C)`` is dL/dl."""
     if kl == "fkl":
         return beta * kappa * torch.ones_like(w)
     if kl == "rkl":
@@ -72,7 +72,7 @@ def kl_coefficient(kl: str, w: Tensor, log_rho: Tensor, kappa: Tensor | float, b
 
 
 def kl_estimate(estimator: str, w: Tensor, log_rho: Tensor) -> Tensor:
-    """The baselines' KL estimators on ``rho`` (SPEC §2): k1, k2, k3 and ``k3_is = w * k3``."""
+    """The baselines' KL estimators on ``rho`` (docs/MATH.md §2): k1, k2, k3 and ``k3_is = w * k3``."""
     if estimator == "k1":
         return log_rho
     if estimator == "k2":
@@ -88,7 +88,7 @@ def kl_estimate(estimator: str, w: Tensor, log_rho: Tensor) -> Tensor:
 def dual_clip(
     w: Tensor, advantages: Tensor, eps_low: float, eps_high: float, clip_c: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``DC(w, A)`` of SPEC §3 and its zones ``(value, low, high, dual)``.
+    """``DC(w, A)`` of docs/MATH.md §3 and its zones ``(value, low, high, dual)``.
 
     Written with explicit zones (not max/min) so that the gradient is ``-A`` exactly where no
     clip is active and exactly zero inside a zone.
@@ -120,7 +120,7 @@ def token_losses(
     ref_logprobs: Tensor | None,
     config: LossConfig,
 ) -> TokenLosses:
-    """Per-token loss ``L`` for ``config.algo`` (SPEC §3), before aggregation.
+    """Per-token loss ``L`` for ``config.algo`` (docs/MATH.md §3), before aggregation.
 
     ``logprobs, old_logprobs, advantages, ref_logprobs``: ``[B, T]`` in the compute dtype, zeros on
     masked-out tokens; ``ref_logprobs=None`` means ref = old (``kappa = 1``). ``mask``: bool ``[B, T]``
@@ -216,7 +216,7 @@ def _rpg_reinforce(
     advantages: Tensor,
     cfg: LossConfig,
 ) -> TokenLosses:
-    """REINFORCE-style RPG (SPEC §3): ``L = -SG(w*A + C(w)) * l`` with clip modes none/truncate/dual."""
+    """REINFORCE-style RPG (docs/MATH.md §3): ``L = -SG(w*A + C(w)) * l``, clip modes none/truncate/dual."""
     if cfg.clip_mode == "none":
         coef, _, omega, _ = _rpg_coefficient(cfg.kl, w, log_rho, kappa, advantages, cfg)
         return TokenLosses(-coef * logprobs, omega, w, _no_clip(w), _no_clip(w), _no_clip(w))

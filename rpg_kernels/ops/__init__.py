@@ -1,4 +1,4 @@
-"""Kernels and autograd Functions of the fused linear log-probs (SPEC §6), one kernel family per file.
+"""Kernels and autograd Functions of the fused linear log-probs (docs/MATH.md §6), one kernel family per file.
 
 - ``linear_logprobs_forward.py``: Triton forward (logits tiles, online log-sum-exp, target, entropy).
 - ``linear_logprobs_backward.py``: Triton backward (recompute tiles, ``dz``, then ``dh`` / ``dW`` / ``db``).

@@ -1,7 +1,7 @@
 """``torch.autograd.Function``s of the fused linear log-probs and of the fused RPG loss.
 
 ``LinearLogprobs``: forward runs the backend's forward op and saves ``lse`` (and ``entropy``); backward
-recomputes the logits tiles from the per-token upstream grads (SPEC §6). ``PrecomputedGrads``: the
+recomputes the logits tiles from the per-token upstream grads (docs/MATH.md §6). ``PrecomputedGrads``: the
 fused loss computes its input grads inside its forward call (the upstream grad of a scalar loss is
 known then), so backward only scales them by ``grad_output``.
 """

@@ -5,7 +5,7 @@ one ``[token_chunk, vocab_chunk]`` block at a time (``chunk_elements`` elements,
 workspace does not grow with ``N * V``; a token chunk costs one matmul per vocabulary chunk (a single
 one unless ``V`` is huge). Accumulation is fp32 (fp64 for fp64 inputs, which ``gradcheck`` uses).
 
-Per token (SPEC §6)::
+Per token (docs/MATH.md §6)::
 
     lse = log sum exp(z),  logprob = z[y] - lse,  entropy = -sum p * log p
     dz  = g_l * (onehot(y) - p) - g_H * p * (log p + entropy)

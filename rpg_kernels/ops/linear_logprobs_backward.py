@@ -1,6 +1,6 @@
 """Triton backward of the fused linear log-probs: recompute logits tiles, ``dz``, then ``dh``, ``dW``, ``db``.
 
-Per token, from the upstream grads ``g_l`` (on logprob) and ``g_H`` (on entropy), SPEC §6::
+Per token, from the upstream grads ``g_l`` (on logprob) and ``g_H`` (on entropy), docs/MATH.md §6::
 
     log p = z - lse,   dz = g_l * (onehot(y) - p) - g_H * p * (log p + entropy)
     dh = dz @ W / T,   dW = dz.T @ h / T,   db = sum_n dz / T

@@ -1,7 +1,7 @@
 """Triton per-token loss epilogue: L, dL/dl and the clip zone of every token in one elementwise pass.
 
 For the token-level algos (all but ``gspo``, whose sequence ratio couples tokens) the kernel reads
-``l, l_old, [l_ref], A, mask, weight`` and writes, per token (SPEC §2-3, notation of §1):
+``l, l_old, [l_ref], A, mask, weight`` and writes, per token (docs/MATH.md §2-3, notation of §1):
 
 - ``loss``: ``L`` (0 on masked-out tokens), to be summed as ``sum(L * weight)``;
 - ``grad``: ``weight * dL/dl``, the gradient of the aggregated loss w.r.t. ``l``;
@@ -46,7 +46,7 @@ NUM_WARPS = 8  # 4 tokens per thread: 16-byte fp32 loads, no register spills for
 
 @triton.jit
 def _regulariser(w, log_rho, kappa, KL: tl.constexpr):
-    """Omega and dOmega/dl of SPEC §2 (KL: 0 fkl, 1 rkl, 2 ufkl, 3 urkl)."""
+    """Omega and dOmega/dl of docs/MATH.md §2 (KL: 0 fkl, 1 rkl, 2 ufkl, 3 urkl)."""
     if KL == 0:
         omega = -kappa * log_rho
         d_omega = -kappa
@@ -104,7 +104,7 @@ def _clamp_kl(value, d_value, kl_clamp):
 
 @triton.jit
 def _dual_clip(ratio, adv, low_bound, high_bound, clip_c):
-    """DC(w, A) of SPEC §3, its derivative in w, and the zone code."""
+    """DC(w, A) of docs/MATH.md §3, its derivative in w, and the zone code."""
     high = (adv > 0) & (ratio > high_bound)
     low = (adv < 0) & (ratio < low_bound)
     dual = (adv < 0) & (ratio > clip_c)

@@ -43,41 +43,40 @@ def test_committed_readme_block_is_current():
     assert readme.main(["--check"]) == 0, "run `python -m bench.readme` and commit README.md"
 
 
-def test_render_takes_the_newest_run_per_device_and_compares_with_naive(tmp_path):
+def test_render_one_table_per_device_class_from_the_newest_run(tmp_path):
     results = tmp_path / "bench" / "results"
     write_run(results / "cpu-old", "CPU A", "2026-01-01T00:00:00", [row("naive", 64, 999.0, 1)])
     write_run(
         results / "cpu-new",
-        "CPU A",
+        "CPU B",
         "2026-02-01T00:00:00",
         [
+            row("naive", 32, 111.0, 100),
             row("naive", 64, 200.0, 400),
             row("ours", 64, 300.0, 10),
             row("liger-triton", 64, 0, 0, status="skipped", reason="needs | CUDA"),
         ],
     )
-    write_run(results / "gpu-x", "GPU B", "2026-01-15T00:00:00", [row("ours", 128, 5.0, 3)])
+    write_run(results / "gpu-x", "NVIDIA H200", "2026-01-15T00:00:00", [row("ours", 128, 5.0, 3)])
     (results / "demo-cpu").mkdir()  # bench.demo's results (another layout) are not benchmark runs
     (results / "demo-cpu" / "results.json").write_text(json.dumps({"meta": {"date": "2027"}, "runs": []}))
     text = readme.render(results, tmp_path)
 
     assert text.startswith(readme.START) and text.endswith(readme.END)
-    assert "2026-01-01" not in text and "999" not in text
-    assert text.index("### CPU A") < text.index("### GPU B")
-    assert "| ours | 64 | 300 | 1.50 | 10 | 2.5 | 1.50 | ok |" in text
-    assert "| liger-triton | 64 | — | — | — | — | — | skipped: needs / CUDA |" in text
-    assert "| ours | 128 | 5 | — | 3 | — | 1.50 | ok |" in text  # no naive row to compare with
-    assert "bench/results/cpu-new/results.md" in text
+    assert text.index("### GPU") < text.index("### CPU")
+    assert "999" not in text and "111" not in text  # older run, smaller N: links only
+    assert "N=64, H=8, V=16 on CPU B" in text
+    assert "| ours | 300.0 | 1.50 | 10 | 2.5 | ok |" in text
+    assert "| liger-triton | — | — | — | — | skipped: needs / CUDA |" in text
+    assert "| ours | 5.0 | 1.50 | 3 | — | ok |" in text  # no naive row to compare with
+    cpu = text[text.index("### CPU") :]
+    assert cpu.index("cpu-new/results.md") < cpu.index("cpu-old/results.md")  # every run linked, newest first
 
 
-def test_render_keeps_a_run_of_other_heads_beside_the_newest(tmp_path):
+def test_render_says_when_a_device_class_has_no_results(tmp_path):
     results = tmp_path / "bench" / "results"
-    write_run(results / "cpu-quick", "CPU A", "2026-01-01T00:00:00", [row("naive", 64, 111.0, 1)])
-    other_head = [dict(row("naive", 32, 222.0, 2), h=8, v=151936)]
-    write_run(results / "cpu-big-vocab", "CPU A", "2026-02-01T00:00:00", other_head)
-    text = readme.render(results, tmp_path)
-    assert "| naive | 64 | 111 |" in text and "| naive | 32 | 222 |" in text
-    assert text.index("cpu-quick/results.md") < text.index("cpu-big-vocab/results.md")
+    write_run(results / "cpu", "CPU A", "2026-01-01T00:00:00", [row("naive", 64, 10.0, 1)])
+    assert "No GPU results committed yet." in readme.render(results, tmp_path)
 
 
 def test_update_rewrites_only_the_block(tmp_path):
@@ -88,7 +87,7 @@ def test_update_rewrites_only_the_block(tmp_path):
     assert readme.update(page, results)
     text = page.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n") and "stale" not in text
-    assert "| naive | 64 | 200 | 1.00 | 400 | 100.0 |" in text
+    assert "| naive | 200.0 | 1.50 | 400 | 100.0 | ok |" in text
     assert not readme.update(page, results)
 
     page.write_text("no markers here\n")

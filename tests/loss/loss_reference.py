@@ -1,6 +1,6 @@
-"""An independent float64 NumPy implementation of SPEC §2-3, per token, and the tests' random inputs.
+"""An independent float64 NumPy implementation of docs/MATH.md §2-3, per token, and the tests' random inputs.
 
-Written from the SPEC's formulas (max/min for the dual clip, the tables for Omega, dOmega/dl, C
+Written from the formulas of docs/MATH.md (max/min for the dual clip, the tables for Omega, dOmega/dl, C
 and the estimators); it shares no code with `rpg_kernels`. ``value_and_grad`` returns the per-token
 loss ``L`` and ``dL/dl`` for the token-level algos; ``gspo_loss_and_grad`` the token-mean
 aggregated GSPO loss and its gradient (its ratio couples the tokens of a sequence).
@@ -23,7 +23,7 @@ D_OMEGA = {  # dOmega/dl
     "ufkl": lambda w, lr, k: w - k,
     "urkl": lambda w, lr, k: w * lr,
 }
-C_COEF = {  # C(w) / beta, SPEC §3 table
+C_COEF = {  # C(w) / beta, docs/MATH.md §3 table
     "fkl": lambda w, lr, k: k * np.ones_like(w),
     "rkl": lambda w, lr, k: -w * (lr + 1),
     "ufkl": lambda w, lr, k: -(w - k),

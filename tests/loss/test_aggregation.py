@@ -1,4 +1,4 @@
-"""Aggregation modes (SPEC §4) on hand-computed examples, and num_items for split batches."""
+"""Aggregation modes (docs/MATH.md §4) on hand-computed examples, and num_items for split batches."""
 
 import pytest
 import torch

@@ -6,12 +6,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from loss_reference import gspo_loss_and_grad, make_inputs, value_and_grad
 
 from rpg_kernels import LossConfig, rpg_loss
 from rpg_kernels.config import KL_ESTIMATORS, KLS
 from rpg_kernels.loss import loss_and_logprob_grads
 from rpg_kernels.loss.token_losses import token_losses
+from tests.loss.loss_reference import gspo_loss_and_grad, make_inputs, value_and_grad
 
 
 def config_cases():
@@ -132,7 +132,7 @@ def test_kl_clamp_matches_reference(algo_mode, kl, kl_clamp):
 @pytest.mark.parametrize("with_ref", [False, True])
 @pytest.mark.parametrize("kl", KLS)
 def test_rpg_unclipped_equals_rpg_reinforce_none(kl, with_ref):
-    """SPEC §3: -(w*A + C) dl equals the gradient of the rpg loss with clipping off, token for token."""
+    """docs/MATH.md §3: -(w*A + C) dl is the gradient of the rpg loss with clipping off, token for token."""
     _, t = make_inputs(11, batch=6, length=9, with_ref=with_ref)
     grads = []
     for algo in ("rpg", "rpg_reinforce"):

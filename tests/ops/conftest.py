@@ -1,13 +1,10 @@
-"""Makes the float64 reference (`ops_reference.py`) importable from the tests here, and silences the
-Triton interpreter's own warnings for them."""
+"""Silences the Triton interpreter's own warnings for the kernel tests here."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 
 # The interpreter evaluates kernels with NumPy: masked-out lanes may hold inf * 0 (discarded by
 # tl.where, as on the GPU), and it uses deprecated NumPy scalar conversions. Not our warnings.

@@ -3,8 +3,8 @@
 Run by ``test_token_loss_epilogue.py`` in a subprocess WITHOUT ``TRITON_INTERPRET`` (under the
 interpreter ``triton.jit`` gives objects that cannot be compiled). Usage::
 
-    python tests/loss/epilogue_aot_worker.py 90          # a covering set of launches
-    python tests/loss/epilogue_aot_worker.py 80 --all    # every constexpr combination
+    python tests/ops/epilogue_aot_worker.py 90          # a covering set of launches
+    python tests/ops/epilogue_aot_worker.py 80 --all    # every constexpr combination
 """
 
 import itertools

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
-# bf16 tl.dot is wrong in the Triton interpreter (ENVIRONMENT.md): bf16 kernel tests need a GPU.
+# bf16 tl.dot is wrong in the Triton interpreter (CONTRIBUTING.md): bf16 kernel tests need a GPU.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 

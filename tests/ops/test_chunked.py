@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from ops_reference import assert_close, make_problem, reference
 
 import rpg_kernels as rk
 from rpg_kernels.ops.chunked import (
@@ -15,6 +14,7 @@ from rpg_kernels.ops.chunked import (
     single_pass_fits,
     single_pass_token_chunk,
 )
+from tests.ops.ops_reference import assert_close, make_problem, reference
 
 # (seed, N, H, V, chunk_elements): small budgets force token chunks of 1 row and vocabulary chunks.
 CASES = [

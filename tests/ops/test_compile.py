@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from compile_worker import cases
+
+from tests.ops.compile_worker import cases
 
 WORKER = Path(__file__).with_name("compile_worker.py")
 REPO = Path(__file__).resolve().parents[2]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from ops_reference import DEVICES, KERNEL_DTYPES, assert_close, make_problem, reference
 
 from rpg_kernels.ops.linear_logprobs_backward import METHODS, linear_logprobs_backward
 from rpg_kernels.ops.linear_logprobs_forward import linear_logprobs_forward
+from tests.ops.ops_reference import DEVICES, KERNEL_DTYPES, assert_close, make_problem, reference
 
 # (seed, N, H, V): odd sizes around the interpreter tiles (32 x 64 x 32), N = 1, V = 1.
 # The full shape sweep runs the default method; every method runs on a few shapes below.

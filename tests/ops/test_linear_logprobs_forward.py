@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from ops_reference import DEVICES, KERNEL_DTYPES, assert_close, make_problem, reference
 
 from rpg_kernels.ops.linear_logprobs_forward import combine_partials, linear_logprobs_forward
+from tests.ops.ops_reference import DEVICES, KERNEL_DTYPES, assert_close, make_problem, reference
 
 # (seed, N, H, V): N=1, V below/above the interpreter tile (64) and the 2-way vocabulary split,
 # H not a multiple of 16 or of the H tile (32).

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loss_reference import make_inputs, value_and_grad
 
 from rpg_kernels import LossConfig
 from rpg_kernels.config import KL_ESTIMATORS, KLS
 from rpg_kernels.loss import loss_and_logprob_grads
 from rpg_kernels.loss.aggregation import aggregation_weights
 from rpg_kernels.loss.token_losses import token_losses
+from tests.loss.loss_reference import make_inputs, value_and_grad
 
 triton = pytest.importorskip("triton")
 epilogue = pytest.importorskip("rpg_kernels.ops.token_loss_epilogue")
@@ -194,7 +194,7 @@ def test_all_zero_mask_and_gspo_fallback():
 
 # ---- ahead-of-time compilation for real GPUs (no GPU needed) ----
 # `triton.jit` returns interpreter objects when TRITON_INTERPRET=1 (set by the tests' conftest on CPU
-# machines), so the compilation runs in a subprocess without it: tests/loss/epilogue_aot_worker.py.
+# machines), so the compilation runs in a subprocess without it: tests/ops/epilogue_aot_worker.py.
 
 WORKER = Path(__file__).with_name("epilogue_aot_worker.py")
 
