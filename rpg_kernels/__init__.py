@@ -19,6 +19,10 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "LossConfig": "rpg_kernels.config",
     "rpg_loss": "rpg_kernels.loss",
+    "per_token_loss": "rpg_kernels.loss",
+    "aggregate": "rpg_kernels.loss",
+    "rollout_weights": "rpg_kernels.loss",
+    "rollout_mismatch_metrics": "rpg_kernels.loss",
     "fused_linear_logprobs": "rpg_kernels.fused",
     "fused_linear_rpg_loss": "rpg_kernels.fused",
     "RPGLoss": "rpg_kernels.module",

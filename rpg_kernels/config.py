@@ -33,6 +33,12 @@ KLS = ("fkl", "rkl", "ufkl", "urkl")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_is")
 CLIP_MODES = ("none", "truncate", "dual")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# Rollout (training-inference mismatch) correction, docs/MATH.md §9: TRL's four modes.
+ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# Where the fused losses run: "auto" is Triton for CUDA tensors, the chunked PyTorch path otherwise.
+BACKENDS = ("auto", "triton", "torch")
+# How the Triton backend computes the LM head: one cuBLAS pass per token chunk, or the fused Triton kernels.
+METHODS = ("auto", "single_pass", "fused")
 
 _INF = float("inf")
 
@@ -51,8 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dr_grpo": {**_NO_KL_PPO, "agg": "seq-mean-token-sum-norm"},
     "reinforce_pp": {**_NO_KL_PPO},
     "gspo": {**_NO_KL_PPO, "eps_low": 3e-4, "eps_high": 4e-4, "agg": "seq-mean-token-mean"},
-    # CISPO has no lower clip; eps_low is unused (kept valid so that overrides stay simple).
-    "cispo": {**_NO_KL_PPO, "eps_high": 0.28},
+    # CISPO (MiniMax-M1): the weight is clipped above only; eps_low=0.2 gives verl's two-sided variant.
+    "cispo": {**_NO_KL_PPO, "eps_low": None, "eps_high": 0.28},
 }
 
 
@@ -75,9 +81,14 @@ class LossConfig:
 
     Fields: ``algo`` (one of `ALGOS`); ``kl`` (RPG algos: one of `KLS`; ``None`` means ``urkl``);
     ``kl_estimator`` (baselines: one of `KL_ESTIMATORS` or ``None``); ``beta >= 0``;
-    ``0 < eps_low < 1``; ``eps_high > 0``; ``clip_c > 1`` (``inf`` allowed: no dual clip);
-    ``clip_mode`` (one of `CLIP_MODES`, see the module docstring); ``agg`` (one of `AGGS`);
-    ``kl_clamp`` (``None`` or ``> 0``: clamp the KL term's value to ``[-kl_clamp, kl_clamp]``).
+    ``0 < eps_low < 1`` (``None``: no lower clip, ``cispo`` only); ``eps_high > 0``; ``clip_c > 1``
+    (``inf`` allowed: no dual clip); ``clip_mode`` (one of `CLIP_MODES`, see the module docstring);
+    ``agg`` (one of `AGGS`); ``kl_clamp`` (``None`` or ``> 0``: clamp the KL term's value to
+    ``[-kl_clamp, kl_clamp]``); ``max_completion_length`` (``seq-mean-token-sum-norm`` only: Dr. GRPO's
+    constant length ``L`` in ``sum(L * m) / (num_seqs * L)``; ``None``: the tensors' token dim);
+    ``rollout_is`` (one of `ROLLOUT_IS_MODES` or ``None``) with ``rollout_is_min`` /
+    ``rollout_is_max`` (``None``: unbounded on that side): the rollout importance correction of
+    docs/MATH.md §9, applied when the loss is given ``rollout_logprobs``.
     The field defaults are the ``rpg`` preset.
     """
 
@@ -91,6 +102,10 @@ class LossConfig:
     clip_mode: str = "dual"
     agg: str = "token-mean"
     kl_clamp: float | None = None
+    max_completion_length: int | None = None
+    rollout_is: str | None = None
+    rollout_is_min: float | None = None
+    rollout_is_max: float | None = 3.0
 
     def __post_init__(self) -> None:
         _check_name("algo", self.algo, ALGOS)
@@ -114,9 +129,16 @@ class LossConfig:
         beta = _check_number("beta", self.beta)
         if beta < 0 or math.isinf(beta):
             raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
-        eps_low = _check_number("eps_low", self.eps_low)
-        if not 0.0 < eps_low < 1.0:
-            raise ValueError(f"eps_low must lie in (0, 1), got {self.eps_low}")
+        if self.eps_low is None:
+            if self.algo != "cispo":
+                raise ValueError(
+                    f"eps_low=None (no lower clip) is defined for algo='cispo' only, not {self.algo!r}"
+                )
+            eps_low = None
+        else:
+            eps_low = _check_number("eps_low", self.eps_low)
+            if not 0.0 < eps_low < 1.0:
+                raise ValueError(f"eps_low must lie in (0, 1), got {self.eps_low}")
         eps_high = _check_number("eps_high", self.eps_high)
         if not 0.0 < eps_high < _INF:
             raise ValueError(f"eps_high must be finite and > 0, got {self.eps_high}")
@@ -133,6 +155,16 @@ class LossConfig:
             kl_clamp = _check_number("kl_clamp", self.kl_clamp)
             if not kl_clamp > 0:
                 raise ValueError(f"kl_clamp must be None or > 0, got {self.kl_clamp}")
+        if self.max_completion_length is not None:
+            length = self.max_completion_length
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+                raise ValueError(f"max_completion_length must be None or an int >= 1, got {length!r}")
+            if self.agg != "seq-mean-token-sum-norm":
+                raise ValueError(
+                    "max_completion_length is the constant of agg='seq-mean-token-sum-norm' (Dr. GRPO); "
+                    f"agg={self.agg!r} does not use it"
+                )
+        self._check_rollout_correction()
         for field, value in (
             ("beta", beta),
             ("eps_low", eps_low),
@@ -140,6 +172,25 @@ class LossConfig:
             ("clip_c", clip_c),
         ):
             object.__setattr__(self, field, value)
+
+    def _check_rollout_correction(self) -> None:
+        bounds = {}
+        for field in ("rollout_is_min", "rollout_is_max"):
+            value = getattr(self, field)
+            if value is not None:
+                value = _check_number(field, value)
+                if not 0.0 <= value < _INF:
+                    raise ValueError(f"{field} must be None or a finite number >= 0, got {value}")
+                object.__setattr__(self, field, value)
+            bounds[field] = value
+        if self.rollout_is is None:
+            return
+        _check_name("rollout_is", self.rollout_is, ROLLOUT_IS_MODES)
+        low, high = bounds["rollout_is_min"], bounds["rollout_is_max"]
+        if low is not None and high is not None and not low < high:
+            raise ValueError(f"rollout_is_min ({low}) must be < rollout_is_max ({high})")
+        if self.rollout_is.endswith("truncate") and low is None and high is None:
+            raise ValueError(f"rollout_is={self.rollout_is!r} needs rollout_is_min or rollout_is_max")
 
     @property
     def is_rpg(self) -> bool:

@@ -24,7 +24,9 @@ class RPGLoss(nn.Module):
         entropy_coef: float = 0.0,
         ignore_index: int = -100,
         backend: str = "auto",
+        method: str = "auto",
         deterministic: bool = True,
+        workspace_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self.config = resolve_loss_config(config)
@@ -32,7 +34,9 @@ class RPGLoss(nn.Module):
         self.entropy_coef = entropy_coef
         self.ignore_index = ignore_index
         self.backend = backend
+        self.method = method
         self.deterministic = deterministic
+        self.workspace_bytes = workspace_bytes
 
     def forward(
         self,
@@ -45,6 +49,9 @@ class RPGLoss(nn.Module):
         ref_logprobs: Tensor | None = None,
         bias: Tensor | None = None,
         num_items: float | int | Tensor | None = None,
+        *,
+        rollout_logprobs: Tensor | None = None,
+        rollout_weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         return fused_linear_rpg_loss(
             hidden,
@@ -60,8 +67,12 @@ class RPGLoss(nn.Module):
             entropy_coef=self.entropy_coef,
             num_items=num_items,
             ignore_index=self.ignore_index,
+            rollout_logprobs=rollout_logprobs,
+            rollout_weights=rollout_weights,
             backend=self.backend,
+            method=self.method,
             deterministic=self.deterministic,
+            workspace_bytes=self.workspace_bytes,
         )
 
     def extra_repr(self) -> str:

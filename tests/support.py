@@ -45,17 +45,19 @@ def tiny_causal_lm(
 
 
 class LargestAllocation(TorchDispatchMode):
-    """While active, records the largest tensor (``largest`` elements, made by ``op``) that any ATen op
-    returns, views included, and counts the ops (``ops``)."""
+    """While active, records the largest tensor that any ATen op returns, views included: ``largest``
+    elements (made by ``op``) and ``largest_bytes``; counts the ops (``ops``)."""
 
     def __init__(self):
         super().__init__()
-        self.largest, self.op, self.ops = 0, None, 0
+        self.largest, self.largest_bytes, self.op, self.ops = 0, 0, None, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.largest:
-                self.largest, self.op = leaf.numel(), str(func)
+            if isinstance(leaf, torch.Tensor):
+                if leaf.numel() > self.largest:
+                    self.largest, self.op = leaf.numel(), str(func)
+                self.largest_bytes = max(self.largest_bytes, leaf.numel() * leaf.element_size())
         return out

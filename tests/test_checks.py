@@ -88,11 +88,9 @@ def test_bad_num_items(num_items, error):
         rpg_loss(**good_inputs(), num_items=num_items)
 
 
-def test_bad_config_and_backend():
+def test_bad_config():
     with pytest.raises(TypeError, match="config"):
         rpg_loss(**good_inputs(), config="rpg")
-    with pytest.raises(ValueError, match="backend"):
-        loss_and_logprob_grads(**good_inputs(), backend="cuda")
 
 
 def test_non_finite_values_on_masked_out_tokens_are_allowed():

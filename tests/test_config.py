@@ -25,7 +25,7 @@ def test_rpg_presets_are_the_paper_defaults():
         ("dr_grpo", None, 0.0, 0.2, 0.2, "seq-mean-token-sum-norm"),
         ("reinforce_pp", None, 0.0, 0.2, 0.2, "token-mean"),
         ("gspo", None, 0.0, 3e-4, 4e-4, "seq-mean-token-mean"),
-        ("cispo", None, 0.0, 0.2, 0.28, "token-mean"),
+        ("cispo", None, 0.0, None, 0.28, "token-mean"),
     ],
 )
 def test_baseline_presets(name, estimator, beta, eps_low, eps_high, agg):

@@ -1,16 +1,21 @@
 """Public API: fused_linear_rpg_loss == rpg_loss(fused_linear_logprobs(...)) in value, metrics and grads,
-on both backends and for every algo; shapes, dtypes, ignore_index, RPGLoss, bad inputs."""
+on every path (torch; Triton single pass and fused kernels) and for every algo; shapes, dtypes,
+ignore_index, masked-out garbage, RPGLoss, bad inputs."""
 
 import pytest
 import torch
 
 import rpg_kernels as rk
-from rpg_kernels import fused
 from rpg_kernels.config import ALGOS
-from rpg_kernels.ops.dispatch import resolve_backend, triton_interpreter_enabled
+from rpg_kernels.ops import chunked
+from rpg_kernels.ops.dispatch import resolve_backend, resolve_method, triton_interpreter_enabled
 from tests.ops.ops_reference import assert_close, make_problem, reference
 
-BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() or triton_interpreter_enabled() else [])
+HAS_TRITON = torch.cuda.is_available() or triton_interpreter_enabled()
+# every way a fused call runs: the chunked PyTorch path; on Triton the single pass and the fused kernels
+PATHS = [dict(backend="torch", method="auto")]
+PATHS += [dict(backend="triton", method=m) for m in ("single_pass", "fused")] if HAS_TRITON else []
+PATH_IDS = [f"{p['backend']}-{p['method']}" for p in PATHS]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -42,9 +47,9 @@ def leaves(batch):
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("algo", ALGOS)
-def test_fused_loss_equals_loss_of_fused_logprobs(algo, backend):
+def test_fused_loss_equals_loss_of_fused_logprobs(algo, path):
     seed = ALGOS.index(algo)
     batch = make_batch(seed, with_ref=seed % 2 == 0, flat=seed % 3 == 0)
     cfg = rk.LossConfig.preset(algo)
@@ -61,13 +66,13 @@ def test_fused_loss_equals_loss_of_fused_logprobs(algo, backend):
         batch["mask"],
         batch["ref"],
         **{**kwargs, "bias": b1},
-        backend=backend,
+        **path,
     )
     (2.5 * loss1).backward()
 
     h2, w2, b2 = leaves(batch)
     logprobs, entropy = rk.fused_linear_logprobs(
-        h2, w2, batch["targets"], bias=b2, temperature=0.8, return_entropy=True, backend=backend
+        h2, w2, batch["targets"], bias=b2, temperature=0.8, return_entropy=True, **path
     )
     loss2, metrics2 = rk.rpg_loss(
         logprobs,
@@ -112,7 +117,7 @@ def test_torch_single_pass_equals_two_passes(algo, monkeypatch):
     cfg = rk.LossConfig.preset(algo, agg="seq-mean-token-mean")
     results = []
     for single_pass in (True, False):
-        monkeypatch.setattr(fused, "single_pass_fits", lambda v, fits=single_pass: fits)
+        monkeypatch.setattr(chunked, "single_pass_fits", lambda v, fits=single_pass: fits)
         h, w, b = leaves(batch)
         loss, metrics = rk.fused_linear_rpg_loss(
             h,
@@ -141,8 +146,8 @@ def test_torch_single_pass_equals_two_passes(algo, monkeypatch):
         assert_close(f"grad {name}", g1, g2, 1e-5, scale=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_logprobs_shapes_dtypes_and_reference(backend):
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_fused_logprobs_shapes_dtypes_and_reference(path):
     p = make_problem(3, 21, 24, 97, device=DEVICE)
     hidden = p.hidden.reshape(3, 7, 24)
     logprobs, entropy = rk.fused_linear_logprobs(
@@ -152,26 +157,26 @@ def test_fused_logprobs_shapes_dtypes_and_reference(backend):
         bias=p.bias,
         temperature=p.temperature,
         return_entropy=True,
-        backend=backend,
+        **path,
     )
     assert logprobs.shape == (3, 7) and entropy.shape == (3, 7) and logprobs.dtype == torch.float32
     ref = reference(p)
     assert_close("logprob", logprobs.reshape(-1), ref["logprob"], 1e-5, scale=ref["logit_max"].item())
     assert_close("entropy", entropy.reshape(-1), ref["entropy"], 1e-5)
     only = rk.fused_linear_logprobs(
-        hidden, p.weight, p.targets.reshape(3, 7), bias=p.bias, temperature=p.temperature, backend=backend
+        hidden, p.weight, p.targets.reshape(3, 7), bias=p.bias, temperature=p.temperature, **path
     )
     torch.testing.assert_close(only, logprobs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_entropy_only_backward(backend):
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_entropy_only_backward(path):
     """Backward with a grad on the entropy output only (no grad reaches the log-probs)."""
     p = make_problem(4, 30, 16, 77, device=DEVICE)
     p.grad_logprob.zero_()
     h, w, b = (t.clone().requires_grad_() for t in (p.hidden, p.weight, p.bias))
     _, entropy = rk.fused_linear_logprobs(
-        h, w, p.targets, bias=b, temperature=p.temperature, return_entropy=True, backend=backend
+        h, w, p.targets, bias=b, temperature=p.temperature, return_entropy=True, **path
     )
     (entropy * p.grad_entropy).sum().backward()
     ref = reference(p)
@@ -180,8 +185,8 @@ def test_entropy_only_backward(backend):
     assert_close("db", b.grad, ref["db"], 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_all_zero_mask_gives_zero_loss_and_grads(backend):
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_all_zero_mask_gives_zero_loss_and_grads(path):
     batch = make_batch(11)
     h, w, b = leaves(batch)
     loss, _ = rk.fused_linear_rpg_loss(
@@ -192,7 +197,7 @@ def test_all_zero_mask_gives_zero_loss_and_grads(backend):
         batch["adv"],
         torch.zeros_like(batch["mask"]),
         bias=b,
-        backend=backend,
+        **path,
     )
     loss.backward()
     assert loss.item() == 0.0
@@ -243,10 +248,18 @@ def test_rpg_loss_module_matches_function():
 
 def test_backend_resolution():
     assert resolve_backend("torch", torch.device("cpu")) == "torch"
-    expected = "triton" if triton_interpreter_enabled() else "torch"
-    assert resolve_backend("auto", torch.device("cpu")) == expected
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"  # the interpreter only when asked for
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    if triton_interpreter_enabled():
+        assert resolve_backend("triton", torch.device("cpu")) == "triton"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda", torch.device("cpu"))
+    assert resolve_method("auto", "triton") == "single_pass" and resolve_method("fused", "triton") == "fused"
+    assert resolve_method("auto", "torch") == "single_pass"
+    with pytest.raises(ValueError, match="method"):
+        resolve_method("fused", "torch")
+    with pytest.raises(ValueError, match="method"):
+        resolve_method("fast", "triton")
 
 
 def _bad_cases(batch):
@@ -305,7 +318,7 @@ def test_bad_inputs_raise_naming_the_argument(case):
             )
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or the Triton interpreter")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or the Triton interpreter")
 def test_atomic_backward_through_the_public_api():
     batch = make_batch(16)
     results = []
@@ -321,6 +334,7 @@ def test_atomic_backward_through_the_public_api():
             bias=b,
             entropy_coef=0.05,
             backend="triton",
+            method="fused",
             deterministic=deterministic,
         )
         loss.backward()
@@ -342,3 +356,185 @@ def test_tensors_on_different_devices_raise():
             batch["adv"],
             batch["mask"],
         )
+
+
+def loss_call(batch, path, **changes):
+    """The fused loss of ``batch`` on ``path`` with differentiable leaves; returns (loss, metrics, leaves)."""
+    h, w, b = leaves(batch)
+    args = dict(
+        hidden=h,
+        weight=w,
+        targets=batch["targets"],
+        old_logprobs=batch["old"],
+        advantages=batch["adv"],
+        mask=batch["mask"],
+        ref_logprobs=batch["ref"],
+        bias=b,
+    )
+    args.update(changes)
+    loss, metrics = rk.fused_linear_rpg_loss(**{**path, **args})
+    return loss, metrics, (h, w, b)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize(
+    "num_items,error",
+    [
+        (-1, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (True, TypeError),
+        (torch.tensor(-2.0), ValueError),
+        (torch.tensor(float("nan")), ValueError),
+        (torch.ones(2), ValueError),
+    ],
+)
+def test_num_items_is_checked_on_every_path(path, num_items, error):
+    """Issue 16.2: the single-pass CPU path used to return loss 0 and zero grads for num_items=-1."""
+    with pytest.raises(error, match="num_items"):
+        loss_call(make_batch(21), path, num_items=num_items)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("algo", ["rpg_reinforce", "grpo", "gspo"])
+def test_masked_out_garbage_never_reaches_a_gradient(path, algo):
+    """Issue 16.3: NaN / inf in masked-out hidden rows (and ignored targets) made every dW NaN."""
+    batch = make_batch(22, with_ref=True)
+    cfg = rk.LossConfig.preset(algo)
+    clean_loss, clean_metrics, clean = loss_call(batch, path, config=cfg, entropy_coef=0.01)
+    clean_loss.backward()
+    dirty = dict(batch, hidden=batch["hidden"].clone())
+    out = ~batch["mask"]
+    dirty["hidden"][out] = float("nan")
+    dirty["hidden"][tuple(out.nonzero()[0])] = float("inf")
+    loss, metrics, grads = loss_call(dirty, path, config=cfg, entropy_coef=0.01)
+    loss.backward()
+    torch.testing.assert_close(loss, clean_loss)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, clean):
+        assert torch.isfinite(a.grad).all(), name
+        assert_close(f"grad {name}", a.grad, b.grad, 1e-6, scale=1e-6)
+    assert (grads[0].grad[out] == 0).all()
+    for key in clean_metrics:
+        torch.testing.assert_close(metrics[key], clean_metrics[key], msg=key)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_ignore_index_targets_count_as_masked_out(path):
+    """Issue 16.4: an ignore_index target on a masked-in token was log-prob 0 (probability 1), so the
+    KL read ~158 on a small batch. It now counts as masked out, as in HF and Liger."""
+    batch = make_batch(23)
+    mask = torch.ones_like(batch["mask"])  # masked in everywhere, ignore_index targets included
+    ignored = batch["targets"] == -100
+    assert ignored.any()
+    loss, metrics, grads = loss_call(batch, path, mask=mask, entropy_coef=0.01)
+    expected, expected_metrics, expected_grads = loss_call(
+        batch, path, mask=mask & ~ignored, entropy_coef=0.01
+    )
+    torch.testing.assert_close(loss, expected)
+    assert float(metrics["num_tokens"]) == float((~ignored).sum())
+    assert float(metrics["kl"]) < 1.0
+    loss.backward()
+    expected.backward()
+    for a, b in zip(grads, expected_grads):
+        assert_close("grad", a.grad, b.grad, 1e-6, scale=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes,error,name",
+    [
+        (dict(entropy_coef=float("nan")), ValueError, "entropy_coef"),
+        (dict(entropy_coef=float("inf")), ValueError, "entropy_coef"),
+        (dict(entropy_coef="0.1"), TypeError, "entropy_coef"),
+        (dict(old_logprobs=torch.ones(3)), ValueError, "old_logprobs"),
+        (dict(hidden=torch.empty(3, 7, 24, device="meta")), ValueError, "meta"),
+        (dict(workspace_bytes=0), ValueError, "workspace_bytes"),
+        (dict(method="fast"), ValueError, "method"),
+        (dict(deterministic=1), TypeError, "deterministic"),
+    ],
+)
+def test_more_bad_values_raise_naming_the_argument(changes, error, name):
+    """Issue 16.8: errors named `logprobs` for `old_logprobs`; meta tensors failed inside torch; NaN/inf
+    entropy_coef was accepted."""
+    with pytest.raises(error, match=name):
+        loss_call(make_batch(24), PATHS[0], **changes)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_non_finite_head_on_masked_in_tokens_raises(path):
+    """Issue 16.8: non-finite hidden (masked in) or weight gave a NaN loss without an error."""
+    batch = make_batch(25)
+    hidden = batch["hidden"].clone()
+    hidden[tuple(batch["mask"].nonzero()[0])] = float("nan")
+    with pytest.raises(ValueError, match="hidden has non-finite"):
+        loss_call(dict(batch, hidden=hidden), path)
+    weight = batch["weight"].clone()
+    weight[3, 2] = float("inf")
+    with pytest.raises(ValueError, match="weight has non-finite"):
+        loss_call(dict(batch, weight=weight), path)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or the Triton interpreter")
+def test_mixed_dtypes_compute_in_the_activation_dtype(monkeypatch):
+    """Issue 12.4: bf16 activations with an fp32 LM head ran in fp32 (no tensor cores). The head now runs
+    in bf16 and dW comes back in fp32 from an fp32 accumulator."""
+    from rpg_kernels import fused
+
+    seen = []
+    real = fused.head_loss
+    monkeypatch.setattr(fused, "head_loss", lambda head, *a: seen.append(head.weight.dtype) or real(head, *a))
+    batch = make_batch(26)
+    h = batch["hidden"].to(torch.bfloat16).requires_grad_()
+    w = batch["weight"].clone().requires_grad_()
+    loss, _ = rk.fused_linear_rpg_loss(
+        h,
+        w,
+        batch["targets"],
+        batch["old"],
+        batch["adv"],
+        batch["mask"],
+        backend="triton",
+        method="single_pass",
+    )
+    loss.backward()
+    assert seen == [torch.bfloat16]
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    # the fp32 accumulation: equal to the same computation with a bf16 copy of the weight, done in float64
+    w16 = w.detach().to(torch.bfloat16).double().requires_grad_()
+    keep = batch["mask"] & (batch["targets"] != -100)
+    lp = torch.log_softmax(h.detach().double() @ w16.T, -1).gather(
+        -1, batch["targets"].clamp(min=0)[..., None]
+    )[..., 0]
+    ref, _ = rk.rpg_loss(lp, batch["old"].double(), batch["adv"].double(), keep)
+    ref.backward()
+    assert_close("dW", w.grad, w16.grad, 1e-2, scale=1e-6)
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p["backend"] == "triton"], ids=PATH_IDS[1:])
+def test_fp16_gradients_survive_and_follow_grad_scaler(path):
+    """Issue 12.3: with token-mean weights ~1/N and p ~ 1/V, fp16 dz underflowed and GradScaler could not
+    help (the grads are computed in the forward). Scaled per chunk and kept in fp32 until backward, the
+    grads of (S * loss) are S times the float64 ones, within fp16 rounding."""
+    n, v, h = 384, 2048, 16
+    gen = torch.Generator().manual_seed(27)
+    hidden = torch.randn(n, h, generator=gen).half()
+    weight = (torch.randn(v, h, generator=gen) / h**0.5).half()
+    targets = torch.randint(0, v, (n,), generator=gen)
+    old = -torch.rand(n, generator=gen) * 3 - 5
+    adv = torch.randn(n, generator=gen) * 1e-2  # small advantages: dz ~ 1e-2 / N / V
+    mask = torch.ones(n, dtype=torch.bool)
+    scale = 2.0**16
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp = torch.log_softmax(hd @ wd.T, -1).gather(-1, targets[:, None])[:, 0]
+    ref, _ = rk.rpg_loss(lp, old.double(), adv.double(), mask, config=rk.LossConfig.preset("dapo"))
+    (scale * ref).backward()
+    hh, ww = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = rk.fused_linear_rpg_loss(
+        hh, ww, targets, old, adv, mask, config=rk.LossConfig.preset("dapo"), **path
+    )
+    (scale * loss).backward()
+    assert hh.grad.dtype == torch.float16 and ww.grad.dtype == torch.float16
+    never = torch.ones(v, dtype=torch.bool)
+    never[targets] = False  # rows of dW made of the underflow-prone -g_l * p terms only
+    assert_close("dW", ww.grad, wd.grad, 2e-2)
+    assert_close("dW rows without a target", ww.grad[never], wd.grad[never], 5e-2)
+    assert_close("dh", hh.grad, hd.grad, 2e-2)

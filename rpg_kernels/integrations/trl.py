@@ -156,7 +156,8 @@ def loss_config_from_grpo_args(args: GRPOConfig) -> LossConfig:
         if args.loss_type == "cispo":
             if sequence_level:
                 raise ValueError("importance_sampling_level='sequence' does not work with loss_type='cispo'")
-            algo, eps_high = "cispo", eps_high - 1.0
+            # TRL caps the weight at epsilon_high (absolute) and has no lower clip
+            algo, eps_low, eps_high = "cispo", None, eps_high - 1.0
             if eps_high <= 0:
                 raise ValueError(
                     "epsilon_high: for loss_type='cispo' TRL caps the weight at epsilon_high "

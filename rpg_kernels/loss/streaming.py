@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from rpg_kernels.config import LossConfig
-from rpg_kernels.loss import aggregation_weights, loss_metrics, prepare_loss_inputs, token_losses
+from rpg_kernels.loss import loss_metrics, token_losses
+from rpg_kernels.loss.inputs import LossInputs
 
 __all__ = ["StreamingLoss", "supports_streaming"]
 
@@ -25,68 +26,76 @@ def supports_streaming(config: LossConfig) -> bool:
 
 
 class StreamingLoss:
-    """`rpg_loss` over per-token inputs of ``N = B * T`` tokens, computed chunk by chunk.
+    """`rpg_loss` over the ``N = B * T`` tokens of prepared inputs, computed chunk by chunk.
 
-    Args as `rpg_loss` (validated here), plus ``logprob_dtype``: the dtype the log-probs will arrive in
-    (fp32, or fp64 for fp64 hidden states), which joins the compute dtype.
+    ``inputs``: from `rpg_kernels.loss.inputs.prepare_loss_inputs` (compute dtype, zeros where masked
+    out); ``weights``: their aggregation weights ``[B, T]``; ``config`` a token-level algo.
     """
 
-    def __init__(
-        self,
-        logprob_dtype: torch.dtype,
-        old_logprobs: Tensor,
-        advantages: Tensor,
-        mask: Tensor,
-        ref_logprobs: Tensor | None,
-        config: LossConfig,
-        num_items: float | int | Tensor | None = None,
-        entropy_coef: float = 0.0,
-    ):
+    def __init__(self, inputs: LossInputs, weights: Tensor, config: LossConfig, entropy_coef: float = 0.0):
         if not supports_streaming(config):
             raise ValueError(f"algo={config.algo!r} couples the tokens of a sequence; it cannot stream")
-        placeholder = old_logprobs.to(logprob_dtype)  # only its dtype and shape matter
-        inputs = prepare_loss_inputs(placeholder, old_logprobs, advantages, mask, ref_logprobs)
+        flat = lambda t: None if t is None else t.expand(inputs.shape).reshape(-1)  # noqa: E731
         self.config, self.entropy_coef, self.dtype = config, float(entropy_coef), inputs.dtype
-        self.keep = inputs.mask.reshape(1, -1)
-        self.old = inputs.old_logprobs.reshape(1, -1)
-        self.advantages = inputs.advantages.reshape(1, -1)
-        self.ref = inputs.ref_logprobs.reshape(1, -1) if inputs.ref_logprobs is not None else None
-        self.weights = aggregation_weights(inputs.mask, config.agg, num_items, self.dtype).reshape(1, -1)
-        n = self.keep.shape[1]
+        self.shape = inputs.shape
+        self.keep = inputs.mask.reshape(-1)
+        self.old, self.advantages = flat(inputs.old_logprobs), flat(inputs.advantages)
+        self.ref, self.rollout = flat(inputs.ref_logprobs), flat(inputs.rollout_weights)
+        self.weights = weights.reshape(-1)
+        n = self.keep.numel()
         self.loss = torch.zeros((), dtype=self.dtype, device=self.keep.device)
-        self.kl = torch.zeros(1, n, dtype=self.dtype, device=self.keep.device)
+        self.kl = torch.zeros(n, dtype=self.dtype, device=self.keep.device)
         self.ratio = torch.zeros_like(self.kl)
         self.entropy = torch.zeros_like(self.kl)
-        self.zones = torch.zeros(3, 1, n, dtype=torch.bool, device=self.keep.device)  # low, high, dual
+        self.zones = torch.zeros(3, n, dtype=torch.bool, device=self.keep.device)  # low, high, dual
 
-    def token_grads(self, rows: slice, logprob: Tensor, entropy: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(dL/dl [n], dL/dH [n] | None)`` for the tokens ``rows`` of the flat batch, given their
-        ``logprob [n]`` and ``entropy [n]``; adds their share to the loss and metrics."""
-        keep = self.keep[:, rows]
-        zero = torch.zeros((), dtype=self.dtype, device=keep.device)
-        leaf = torch.where(keep, logprob.reshape(1, -1).to(self.dtype), zero).requires_grad_(True)
-        ref = self.ref[:, rows] if self.ref is not None else None
-        weights = self.weights[:, rows]
+    def token_grads(
+        self, tokens: slice | Tensor, logprob: Tensor, entropy: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(dL/dl [n], dL/dH [n] | None)`` for the masked-in tokens ``tokens`` (a slice or indices of the
+        flat batch), given their ``logprob [n]`` and ``entropy [n]``; adds their share to the loss and
+        metrics."""
+        pick = lambda t: None if t is None else t[tokens][None]  # noqa: E731
+        leaf = logprob.to(self.dtype)[None].requires_grad_(True)
+        weights = self.weights[tokens]
         with torch.enable_grad():
             per_token = token_losses(
-                leaf, self.old[:, rows], self.advantages[:, rows], keep, ref, self.config
+                leaf,
+                pick(self.old),
+                pick(self.advantages),
+                pick(self.keep),
+                pick(self.ref),
+                self.config,
+                pick(self.rollout),
             )
-            chunk_loss = (per_token.loss * weights).sum()
+            chunk_loss = (per_token.loss[0] * weights).sum()
             (grad,) = torch.autograd.grad(chunk_loss, leaf, allow_unused=True)
         grad = torch.zeros_like(leaf) if grad is None else grad
-        clean_entropy = torch.where(keep, entropy.reshape(1, -1).to(self.dtype), zero)
+        entropy = entropy.to(self.dtype)
         self.loss += chunk_loss.detach()
-        self.kl[:, rows] = per_token.kl
-        self.ratio[:, rows] = per_token.ratio
-        self.zones[:, :, rows] = torch.stack([per_token.clip_low, per_token.clip_high, per_token.clip_dual])
-        self.entropy[:, rows] = clean_entropy
+        self.kl[tokens] = per_token.kl[0]
+        self.ratio[tokens] = per_token.ratio[0]
+        self.zones[:, tokens] = torch.stack(
+            [per_token.clip_low[0], per_token.clip_high[0], per_token.clip_dual[0]]
+        )
+        self.entropy[tokens] = entropy
         grad_entropy = None
         if self.entropy_coef != 0.0:
-            self.loss -= self.entropy_coef * (clean_entropy * weights).sum()
-            grad_entropy = (-self.entropy_coef * weights).reshape(-1).to(logprob.dtype)
-        return grad.reshape(-1).to(logprob.dtype), grad_entropy
+            self.loss -= self.entropy_coef * (entropy * weights).sum()
+            grad_entropy = (-self.entropy_coef * weights).to(logprob.dtype)
+        return grad[0].to(logprob.dtype), grad_entropy
 
     def finish(self) -> tuple[Tensor, dict[str, Tensor]]:
         """``(loss 0-d, metrics)`` over every token seen, as `rpg_loss` returns them."""
-        low, high, dual = self.zones
-        return self.loss, loss_metrics(self.keep, self.kl, self.ratio, low, high, dual, self.entropy)
+        low, high, dual = (z.reshape(self.shape) for z in self.zones)
+        view = lambda t: t.reshape(self.shape)  # noqa: E731
+        metrics = loss_metrics(
+            self.keep.reshape(self.shape),
+            view(self.kl),
+            view(self.ratio),
+            low,
+            high,
+            dual,
+            view(self.entropy),
+        )
+        return self.loss, metrics

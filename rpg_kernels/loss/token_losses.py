@@ -119,12 +119,15 @@ def token_losses(
     mask: Tensor,
     ref_logprobs: Tensor | None,
     config: LossConfig,
+    rollout_weight: Tensor | None = None,
 ) -> TokenLosses:
     """Per-token loss ``L`` for ``config.algo`` (docs/MATH.md §3), before aggregation.
 
     ``logprobs, old_logprobs, advantages, ref_logprobs``: ``[B, T]`` in the compute dtype, zeros on
     masked-out tokens; ``ref_logprobs=None`` means ref = old (``kappa = 1``). ``mask``: bool ``[B, T]``
-    (used only by ``gspo``'s sequence ratio).
+    (used only by ``gspo``'s sequence ratio). ``rollout_weight``: the constant rollout importance weight
+    of docs/MATH.md §9 (``[B, T]`` or ``[B, 1]``), multiplying the whole per-token loss of the RPG algos
+    and the policy term of the baselines; ``None`` = 1.
     """
     cfg = config
     log_ratio = logprobs - old_logprobs
@@ -140,12 +143,18 @@ def token_losses(
             policy, low, high, dual = -advantages * w, _no_clip(w), _no_clip(w), _no_clip(w)
         else:
             policy, low, high, dual = dual_clip(w, advantages, cfg.eps_low, cfg.eps_high, cfg.clip_c)
-        return TokenLosses(policy + cfg.beta * omega, omega.detach(), w.detach(), low, high, dual)
+        loss = policy + cfg.beta * omega
+        if rollout_weight is not None:  # the RPG losses are expectations under the sampler: all of it
+            loss = rollout_weight * loss
+        return TokenLosses(loss, omega.detach(), w.detach(), low, high, dual)
 
     if cfg.algo == "rpg_reinforce":
-        return _rpg_reinforce(
+        out = _rpg_reinforce(
             logprobs, w.detach(), log_rho.detach(), log_ratio.detach(), kappa, advantages, cfg
         )
+        if rollout_weight is not None:
+            out.loss = rollout_weight * out.loss
+        return out
 
     # Baselines: an optional KL estimator (beta * k) on top of the policy term.
     if cfg.kl_estimator is not None:
@@ -156,11 +165,15 @@ def token_losses(
         with torch.no_grad():  # monitored only: k3, GRPO's estimate of KL(theta || ref)
             kl_value = kl_estimate("k3", w, log_rho)
 
-    if cfg.algo == "cispo":
+    if cfg.algo == "cispo":  # -SG(clip(w, 1 - eps_low, 1 + eps_high)) * A * l; eps_low None: no lower clip
         with torch.no_grad():
-            high = w > 1.0 + cfg.eps_high if cfg.clip_mode == "dual" else _no_clip(w)
+            clipped = cfg.clip_mode == "dual"
+            high = w > 1.0 + cfg.eps_high if clipped else _no_clip(w)
+            low = w < 1.0 - cfg.eps_low if clipped and cfg.eps_low is not None else _no_clip(w)
             weight = torch.where(high, torch.full_like(w, 1.0 + cfg.eps_high), w)
-        policy, low, dual, ratio = -weight * advantages * logprobs, _no_clip(w), _no_clip(w), w.detach()
+            if cfg.eps_low is not None:
+                weight = torch.where(low, torch.full_like(w, 1.0 - cfg.eps_low), weight)
+        policy, dual, ratio = -weight * advantages * logprobs, _no_clip(w), w.detach()
     else:
         if cfg.algo == "gspo":  # sequence ratio exp(mean_t(l - l_old)) over each sequence's masked tokens
             tokens = mask.sum(dim=-1, keepdim=True).clamp(min=1)
@@ -174,6 +187,8 @@ def token_losses(
             policy, low, high, dual = dual_clip(ratio, advantages, cfg.eps_low, cfg.eps_high, cfg.clip_c)
         ratio = ratio.detach()
 
+    if rollout_weight is not None:  # the baselines' convention (TRL, verl): the policy term only
+        policy = rollout_weight * policy
     loss = policy if kl_term is None else policy + cfg.beta * kl_term
     return TokenLosses(loss, kl_value, ratio, low, high, dual)
 

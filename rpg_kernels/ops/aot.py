@@ -38,11 +38,18 @@ class CompiledKernel:
     spill_store_bytes: int
     spill_load_bytes: int
     ptxas_log: str
+    sass: str = field(repr=False, default="")
     metadata: Any = field(repr=False, default=None)
 
     @property
     def spill_bytes(self) -> int:
         return self.spill_store_bytes + self.spill_load_bytes
+
+    @property
+    def mma_loop_spills(self) -> int:
+        """Spill instructions (``STL``/``LDL``) inside the loops that issue tensor-core MMAs (the K loops):
+        spills there cost every iteration; a few outside them (set-up, epilogue) are harmless."""
+        return sum(count for _, count in mma_loops(self.sass))
 
     @property
     def has_wgmma(self) -> bool:
@@ -86,6 +93,59 @@ def ptxas_stats(ptx: str, cc: int) -> tuple[int, int, int, str]:
     stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log)]
     loads = [int(x) for x in re.findall(r"(\d+) bytes spill loads", log)]
     return max(regs, default=0), sum(stores), sum(loads), log
+
+
+def nvdisasm_path() -> str:
+    """The ``nvdisasm`` shipped inside the Triton wheel, beside ``ptxas``."""
+    return os.path.join(os.path.dirname(ptxas_path()), "nvdisasm")
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS of a cubin (``nvdisasm -c``: code sections, one instruction per line with its address)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([nvdisasm_path(), "-c", path], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed ({proc.returncode}):\n{proc.stderr}")
+    return proc.stdout
+
+
+_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+def mma_loops(sass: str) -> list[tuple[tuple[int, int], int]]:
+    """``((start, end), spill instructions)`` for every innermost loop of ``sass`` that issues an MMA.
+
+    A loop is a branch back to an earlier label; "innermost" means it contains no other such loop.
+    """
+    labels, lines, pending = {}, [], []
+    for raw in sass.splitlines():
+        if match := _LABEL.match(raw.strip()):
+            pending.append(match.group(1))
+            continue
+        if match := _ADDRESS.search(raw):
+            address = int(match.group(1), 16)
+            for label in pending:
+                labels[label] = address
+            pending = []
+            lines.append((address, match.group(2)))
+    loops = []
+    for address, text in lines:
+        if (match := _BRANCH.search(text)) and labels.get(match.group(1), address + 1) <= address:
+            loops.append((labels[match.group(1)], address))
+    innermost = [
+        (a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)
+    ]
+    out = []
+    for start, end in innermost:
+        body = [text for address, text in lines if start <= address <= end]
+        if any(op in text for text in body for op in ("HGMMA", "HMMA")):
+            out.append(((start, end), sum(bool(re.search(r"\b(STL|LDL)\b", text)) for text in body)))
+    return out
 
 
 def signature_of(fn: Any, types: dict[str, str], default: str = "i32") -> dict[str, str]:
@@ -139,9 +199,10 @@ def compile_kernel(
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     ptx = compiled.asm["ptx"]
     regs = stores = loads = 0
-    log = ""
+    log = sass = ""
     if run_ptxas:
         regs, stores, loads, log = ptxas_stats(ptx, cc)
+        sass = disassemble(compiled.asm["cubin"])
     return CompiledKernel(
         name=fn.__name__,
         cc=cc,
@@ -153,5 +214,6 @@ def compile_kernel(
         spill_store_bytes=stores,
         spill_load_bytes=loads,
         ptxas_log=log,
+        sass=sass,
         metadata=compiled.metadata,
     )

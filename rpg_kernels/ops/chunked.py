@@ -26,13 +26,15 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from rpg_kernels.ops.lm_head import HeadGrads, LMHead, UpstreamGrads
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 MIN_TOKENS_PER_CHUNK = 64
 # The single pass's largest block (64 MiB in fp32): vocabularies up to 262144 (Qwen, Llama 3, Gemma 3).
 SINGLE_PASS_MAX_ELEMENTS = 1 << 24
 
-# (rows of this token chunk, logprob [n], entropy [n]) -> (g_l [n], g_H [n] | None)
-TokenGrads = Callable[[slice, Tensor, Tensor], tuple[Tensor, Tensor | None]]
+# (positions of this token chunk, logprob [n], entropy [n]) -> (g_l [n], g_H [n] | None)
+TokenGrads = Callable[[slice | Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,38 +65,40 @@ def single_pass_token_chunk(n_tokens: int, vocab: int, chunk_elements: int = DEF
 class _Head:
     """What the entry points share: the LM head in the accumulation dtype ``acc`` with ``1/T`` folded
     into the small operands (``logits(h, cols) = (h/T) @ W[cols].T + b[cols]/T``), the chunk sizes, and
-    the targets with ignored tokens marked (``valid``) and replaced by 0 (``targets``). ``whole_rows``:
-    the single pass's chunking (`single_pass_token_chunk`)."""
+    the rows that run: tokens with a target (and, for the loss, masked in), gathered so that padding
+    costs nothing and whatever a masked-out hidden row holds (NaN included) never reaches a product.
+    ``whole_rows``: the single pass's chunking (`single_pass_token_chunk`)."""
 
     def __init__(
         self,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        targets: Tensor,
-        temperature: float,
-        ignore_index: int,
-        chunk_elements: int,
+        head: LMHead,
+        keep: Tensor | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         whole_rows: bool = False,
     ):
-        self.n_tokens, self.vocab = hidden.shape[0], weight.shape[0]
-        self.acc = compute_dtype(hidden.dtype)
-        self.inv_t = 1.0 / temperature
-        self.weight = weight.to(self.acc)
-        self.bias = bias.to(self.acc) * self.inv_t if bias is not None else None
+        self.head = head
+        self.acc = compute_dtype(head.hidden.dtype)
+        self.inv_t = 1.0 / head.temperature
+        self.weight = head.weight.to(self.acc)
+        self.bias = head.bias.to(self.acc) * self.inv_t if head.bias is not None else None
+        runs = head.valid if keep is None else head.valid & keep
+        self.all_rows = bool(runs.all())
+        self.rows = None if self.all_rows else runs.nonzero()[:, 0]
+        self.n_rows = head.n_tokens if self.all_rows else self.rows.numel()
+        self.vocab = head.vocab
         if whole_rows:
-            self.token_chunk = single_pass_token_chunk(self.n_tokens, self.vocab, chunk_elements)
+            self.token_chunk = single_pass_token_chunk(self.n_rows, self.vocab, chunk_elements)
             self.vocab_chunk = self.vocab
         else:
-            self.token_chunk, self.vocab_chunk = chunk_sizes(self.n_tokens, self.vocab, chunk_elements)
-        self.valid = targets != ignore_index
-        self.targets = torch.where(self.valid, targets, 0)
+            self.token_chunk, self.vocab_chunk = chunk_sizes(self.n_rows, self.vocab, chunk_elements)
 
-    def token_chunks(self, hidden: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
-        """``(rows, hidden[rows] in acc, targets[rows])`` per token chunk."""
-        for n0 in range(0, self.n_tokens, self.token_chunk):
-            rows = slice(n0, n0 + self.token_chunk)
-            yield rows, hidden[rows].to(self.acc), self.targets[rows]
+    def token_chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
+        """``(token positions, hidden[positions] in acc, targets[positions])`` per chunk of running rows:
+        positions are a slice when every row runs, else an index tensor."""
+        for n0 in range(0, self.n_rows, self.token_chunk):
+            part = slice(n0, n0 + self.token_chunk)
+            tokens = part if self.all_rows else self.rows[part]
+            yield tokens, self.head.hidden[tokens].to(self.acc), self.head.targets[tokens]
 
     def vocab_chunks(self) -> Iterator[tuple[int, slice]]:
         """``(first vocabulary row, rows)`` per vocabulary chunk."""
@@ -106,6 +110,10 @@ class _Head:
         if self.bias is None:
             return h_scaled @ self.weight[cols].T
         return torch.addmm(self.bias[cols], h_scaled, self.weight[cols].T)
+
+    def per_token(self) -> Tensor:
+        """A zero ``[N]`` vector in the accumulation dtype (ignored and masked-out tokens keep 0)."""
+        return torch.zeros(self.head.n_tokens, dtype=self.acc, device=self.head.hidden.device)
 
 
 def _log_softmax_(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,61 +175,52 @@ def _logit_grads_(
 class _GradAccumulator:
     """``dh [N, H]``, ``dW [V, H]``, ``db [V]`` in the accumulation dtype, filled block by block."""
 
-    def __init__(
-        self,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        acc: torch.dtype,
-        need: tuple[bool, bool, bool],
-    ):
+    def __init__(self, head: LMHead, acc: torch.dtype, need: tuple[bool, bool, bool]):
         need_hidden, need_weight, need_bias = need
+        hidden, weight, bias = head.hidden, head.weight, head.bias
         self.dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
         self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         make_db = need_bias and bias is not None
         self.db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if make_db else None
         self.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
 
-    def add(self, dz: Tensor, h: Tensor, w: Tensor, rows: slice, cols: slice) -> None:
+    def add(self, dz: Tensor, h: Tensor, w: Tensor, tokens: slice | Tensor, cols: slice) -> None:
         """Adds the block ``dz [n, v]`` (already divided by T) for hidden rows ``h`` and weight rows ``w``."""
         if self.dh is not None:
-            self.dh[rows].addmm_(dz, w)
+            if isinstance(tokens, slice):
+                self.dh[tokens].addmm_(dz, w)
+            else:
+                self.dh.index_add_(0, tokens, dz @ w)
         if self.dw is not None:
             self.dw[cols].addmm_(dz.T, h)
         if self.db is not None:
             self.db[cols] += dz.sum(dim=0)
 
-    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def result(self) -> HeadGrads:
         """``(dh, dW, db)`` in the input dtypes (None where not needed)."""
-        return tuple(
+        grads = (
             None if g is None else g.to(dtype) for g, dtype in zip((self.dh, self.dw, self.db), self.dtypes)
         )
+        return HeadGrads(*grads)
 
 
 def chunked_forward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    targets: Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    with_entropy: bool = False,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    head: LMHead, with_entropy: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-token ``(logprob, lse, entropy | None)`` ``[N]`` in the accumulation dtype (see module doc).
+    """Per-token ``(logprob, lse, entropy | None)`` ``[N]`` in the accumulation dtype (see module doc);
+    0 for ignored tokens.
 
     Vocabulary chunks ``c`` are merged at the end: ``lse = logsumexp_c lse_c`` and, with
     ``a_c = exp(lse_c - lse)``, ``entropy = sum_c a_c * (entropy_c + lse - lse_c)``.
     """
-    head = _Head(hidden, weight, bias, targets, temperature, ignore_index, chunk_elements)
-    logprob = torch.empty(head.n_tokens, dtype=head.acc, device=hidden.device)
-    lse = torch.empty_like(logprob)
-    entropy = torch.empty_like(logprob) if with_entropy else None
-    for rows, h, y in head.token_chunks(hidden):
-        target_logit = torch.zeros(h.shape[0], dtype=head.acc, device=h.device)
+    run = _Head(head, chunk_elements=chunk_elements)
+    logprob, lse = run.per_token(), run.per_token()
+    entropy = run.per_token() if with_entropy else None
+    for tokens, h, y in run.token_chunks():
+        target_logit = torch.zeros(h.shape[0], dtype=run.acc, device=h.device)
         chunk_lse, chunk_entropy = [], []
-        for v0, cols in head.vocab_chunks():
-            z = head.logits(h, cols)
+        for v0, cols in run.vocab_chunks():
+            z = run.logits(h, cols)
             target_logit += _target_logits(z, y, v0)
             if with_entropy:
                 p, block_lse = _log_softmax_(z)
@@ -231,100 +230,83 @@ def chunked_forward(
             chunk_lse.append(block_lse)
         block_lse = torch.stack(chunk_lse)
         row_lse = torch.logsumexp(block_lse, dim=0)
-        lse[rows] = row_lse
-        logprob[rows] = target_logit - row_lse
+        lse[tokens] = row_lse
+        logprob[tokens] = target_logit - row_lse
         if with_entropy:
             share = torch.exp(block_lse - row_lse)
-            entropy[rows] = (share * (torch.stack(chunk_entropy) + (row_lse - block_lse))).sum(dim=0)
-    logprob = torch.where(head.valid, logprob, 0.0)
-    if entropy is not None:
-        entropy = torch.where(head.valid, entropy, 0.0)
+            entropy[tokens] = (share * (torch.stack(chunk_entropy) + (row_lse - block_lse))).sum(dim=0)
     return logprob, lse, entropy
 
 
 def chunked_backward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    targets: Tensor,
+    head: LMHead,
     lse: Tensor,
     entropy: Tensor | None,
-    grad_logprob: Tensor,
-    grad_entropy: Tensor | None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    need_hidden: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = True,
+    grads: UpstreamGrads,
+    need: tuple[bool, bool, bool] = (True, True, True),
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+) -> HeadGrads:
     """``(dh [N, H], dW [V, H], db [V] | None)`` in the input dtypes from per-token upstream grads ``[N]``.
 
-    ``grad_entropy`` (with ``entropy``) may be None. Ignored tokens get no gradient whatever their grads.
+    ``grads.entropy`` (with ``entropy``) may be None. Ignored tokens get no gradient whatever their grads.
     """
-    head = _Head(hidden, weight, bias, targets, temperature, ignore_index, chunk_elements)
-    acc = head.acc
-    g_l = torch.where(head.valid, grad_logprob.to(acc), 0.0)
-    g_h = torch.where(head.valid, grad_entropy.to(acc), 0.0) if grad_entropy is not None else None
+    run = _Head(head, chunk_elements=chunk_elements)
+    acc = run.acc
+    g_l = grads.logprob.to(acc)
+    g_h = grads.entropy.to(acc) if grads.entropy is not None else None
     entropy = entropy.to(acc) if g_h is not None else None
     lse = lse.to(acc)
 
-    grads = _GradAccumulator(hidden, weight, bias, acc, (need_hidden, need_weight, need_bias))
-    for rows, h, y in head.token_chunks(hidden):
-        for v0, cols in head.vocab_chunks():
-            log_p = head.logits(h, cols).sub_(lse[rows][:, None])
+    out = _GradAccumulator(head, acc, need)
+    for tokens, h, y in run.token_chunks():
+        for v0, cols in run.vocab_chunks():
+            log_p = run.logits(h, cols).sub_(lse[tokens][:, None])
             p = torch.exp(log_p) if g_h is not None else log_p.exp_()
             dz = _logit_grads_(
                 p,
                 log_p,
                 y,
                 v0,
-                g_l[rows],
-                None if g_h is None else g_h[rows],
-                None if entropy is None else entropy[rows],
-                head.inv_t,
+                g_l[tokens],
+                None if g_h is None else g_h[tokens],
+                None if entropy is None else entropy[tokens],
+                run.inv_t,
             )
-            grads.add(dz, h, head.weight[cols], rows, cols)
-    return grads.result()
+            out.add(dz, h, run.weight[cols], tokens, cols)
+    return out.result()
 
 
 def chunked_forward_backward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    targets: Tensor,
+    head: LMHead,
+    keep: Tensor,
     token_grads: TokenGrads,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
     need: tuple[bool, bool, bool] = (True, True, True),
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
-    """One pass: ``(logprob [N], entropy [N], (dh, dW, db))``; each chunk's logits are computed once.
+) -> HeadGrads:
+    """One pass: ``(dh, dW, db)``; each chunk's logits are computed once.
 
-    ``token_grads(rows, logprob, entropy)`` returns the chunk's per-token upstream grads
-    ``(g_l, g_H | None)`` (it may not depend on other chunks). Needs `single_pass_fits`; blocks of
+    ``keep [N]``: the tokens of the loss (the others get no log-prob and no gradient).
+    ``token_grads(tokens, logprob, entropy)`` receives each chunk's positions (a slice or an index tensor
+    into the ``N`` tokens) and log-probs / entropies, and returns their upstream grads
+    ``(g_l, g_H | None)``; it may not depend on other chunks. Needs `single_pass_fits`; blocks of
     `single_pass_token_chunk` tokens.
     """
-    if not single_pass_fits(weight.shape[0]):
+    if not single_pass_fits(head.vocab):
         raise ValueError(
-            f"weight: a vocabulary of {weight.shape[0]} is too large for the single pass "
+            f"weight: a vocabulary of {head.vocab} is too large for the single pass "
             f"({MIN_TOKENS_PER_CHUNK} rows must fit SINGLE_PASS_MAX_ELEMENTS={SINGLE_PASS_MAX_ELEMENTS})"
         )
-    head = _Head(hidden, weight, bias, targets, temperature, ignore_index, chunk_elements, whole_rows=True)
-    acc, all_cols = head.acc, slice(0, head.vocab)
-    logprob = torch.empty(head.n_tokens, dtype=acc, device=hidden.device)
-    entropy = torch.empty_like(logprob)
-    grads = _GradAccumulator(hidden, weight, bias, acc, need)
-    for rows, h, y in head.token_chunks(hidden):
-        keep = head.valid[rows]
-        log_p = head.logits(h, all_cols)
+    run = _Head(head, keep, chunk_elements, whole_rows=True)
+    acc, all_cols = run.acc, slice(0, run.vocab)
+    out = _GradAccumulator(head, acc, need)
+    for tokens, h, y in run.token_chunks():
+        log_p = run.logits(h, all_cols)
         target_logit = _target_logits(log_p, y, 0)
         p, lse = _log_softmax_(log_p)
-        logprob[rows] = torch.where(keep, target_logit - lse, 0.0)
-        entropy[rows] = torch.where(keep, _entropy(p, log_p), 0.0)
-        g_l, g_h = token_grads(rows, logprob[rows], entropy[rows])
-        g_l = torch.where(keep, g_l.to(acc), 0.0)
-        g_h = torch.where(keep, g_h.to(acc), 0.0) if g_h is not None else None
-        dz = _logit_grads_(p, log_p, y, 0, g_l, g_h, entropy[rows], head.inv_t)
-        grads.add(dz, h, head.weight, rows, all_cols)
-    return logprob, entropy, grads.result()
+        logprob = target_logit - lse
+        entropy = _entropy(p, log_p)
+        g_l, g_h = token_grads(tokens, logprob, entropy)
+        g_h = g_h.to(acc) if g_h is not None else None
+        dz = _logit_grads_(p, log_p, y, 0, g_l.to(acc), g_h, entropy, run.inv_t)
+        out.add(dz, h, run.weight, tokens, all_cols)
+    return out.result()

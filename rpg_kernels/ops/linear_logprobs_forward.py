@@ -9,7 +9,12 @@ Logits ``z = (h @ W.T + b) / T`` are built one ``[BLOCK_N, BLOCK_V]`` tile at a 
     lse = m + log(s),   entropy = log(s) - t / s,   logprob = z[y] - lse
 
 A program owns ``BLOCK_N`` tokens and one of ``num_splits`` vocabulary slices; the slices' partial
-``(m, s, t, z[y])`` are combined in ``combine_partials`` (a few [num_splits, N] tensor ops).
+``(m, s, t, z[y])`` are combined in ``combine_partials`` (a few [num_splits, N] tensor ops). Programs
+are ordered vocabulary-split fastest, so the ``num_splits >= 4`` programs of one token block run side by
+side and read its hidden block from L2, not once per slice from HBM.
+
+This is the ``method="fused"`` forward (no ``[C, V]`` chunk at all); the default on CUDA is the single
+pass (`rpg_kernels.ops.single_pass`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rpg_kernels.ops.lm_head import LMHead
 from rpg_kernels.ops.tile_configs import launch
 
 # Start value of the running max: finite, so that "m_old - m_new" never gives inf - inf.
@@ -31,6 +37,7 @@ def logits_tile(
     bias_ptr,
     offs_n,
     offs_v,
+    rows_ok,
     N,
     V,
     H,
@@ -43,10 +50,12 @@ def logits_tile(
 ):
     """``(h[offs_n] @ W[offs_v].T + b[offs_v]) * inv_temperature`` as a ``[BLOCK_N, BLOCK_V]`` fp32 tile.
 
-    ``bias_ptr`` points to fp32 ``[V]`` (zeros when the model has no bias). fp32 operands use exact
-    (``"ieee"``) products, not TF32; fp16/bf16 operands run on the tensor cores (``wgmma`` on sm_90).
+    ``rows_ok [BLOCK_N]``: rows that are real tokens with a target; the others read ``h = 0``, so whatever
+    their hidden state holds (NaN included) never enters a product. ``bias_ptr`` points to fp32 ``[V]``
+    (zeros when the model has no bias). fp32 operands use exact (``"ieee"``) products, not TF32;
+    fp16/bf16 operands run on the tensor cores (``wgmma`` on sm_90).
     """
-    mask_n = offs_n < N
+    mask_n = rows_ok
     mask_v = offs_v < V
     rows_h = offs_n.to(tl.int64) * stride_hn
     rows_w = offs_v.to(tl.int64) * stride_wv
@@ -79,17 +88,20 @@ def linear_logprobs_forward_kernel(
     stride_hn,
     stride_wv,
     num_splits,
+    n_bucket,
     inv_temperature,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Partial statistics of one (token block, vocabulary slice); outputs are ``[num_splits, N]`` fp32."""
+    """Partial statistics of one (token block, vocabulary slice); outputs are ``[num_splits, N]`` fp32.
+
+    ``n_bucket`` (unused here) is the power-of-two bucket of ``N`` the autotuner keys on.
+    """
     pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_n = pid % num_n_blocks
-    split = pid // num_n_blocks
+    pid_n = pid // num_splits
+    split = pid % num_splits
     v_per_split = tl.cdiv(tl.cdiv(V, num_splits), BLOCK_V) * BLOCK_V
     v_start = split * v_per_split
     v_end = tl.minimum(V, v_start + v_per_split)
@@ -111,6 +123,7 @@ def linear_logprobs_forward_kernel(
             bias_ptr,
             offs_n,
             offs_v,
+            (offs_n < N) & (target >= 0),
             N,
             V,
             H,
@@ -165,13 +178,23 @@ def aot_variants(dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")):
             yield "forward", linear_logprobs_forward_kernel, types, {"WITH_ENTROPY": with_entropy}
 
 
+MIN_SPLITS = 4  # programs of one token block that share its hidden block through L2
+
+
 def num_vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> int:
-    """Vocabulary slices per token block: enough programs to fill the GPU when ``N`` is small."""
+    """Vocabulary slices per token block: at least `MIN_SPLITS` (each of at least 256 columns), more when
+    ``N`` is too small to fill the GPU."""
     if device.type != "cuda":
         return 2 if vocab > 128 else 1  # the interpreter: exercise the combine on all but tiny V
     n_blocks = triton.cdiv(n_tokens, 64)
     target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(vocab, 256), triton.cdiv(target_programs, n_blocks)))
+    wanted = max(MIN_SPLITS, triton.cdiv(target_programs, n_blocks))
+    return max(1, min(triton.cdiv(vocab, 256), wanted))
+
+
+def n_bucket(n_tokens: int) -> int:
+    """The autotune bucket of ``N``: the next power of two (tiles tuned at N=128 are not those of N=64k)."""
+    return 1 << max(0, (n_tokens - 1).bit_length())
 
 
 def combine_partials(
@@ -195,20 +218,15 @@ def combine_partials(
 
 
 def linear_logprobs_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    with_entropy: bool = False,
+    head: LMHead, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token ``(logprob, lse, entropy | None)`` (fp32, ``[N]``) of ``z = (hidden @ weight.T + bias) / T``.
 
-    ``hidden [N, H]``, ``weight [V, H]`` (rows contiguous), ``bias [V]`` or None, ``targets [N]`` int64.
     Tokens with ``targets == ignore_index`` get logprob 0 and entropy 0 (their ``lse`` is still computed).
     Inputs are assumed validated (``rpg_kernels.fused`` does it).
     """
+    hidden, weight = head.hidden, head.weight
+    targets = torch.where(head.valid, head.targets, -1)  # the kernels' mark of a token without a target
     n_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     splits = num_vocab_splits(n_tokens, vocab, hidden.device)
@@ -223,7 +241,7 @@ def linear_logprobs_forward(
         grid,
         hidden,
         weight,
-        fp32_bias(bias, weight),
+        fp32_bias(head.bias, weight),
         targets,
         part_max,
         part_sumexp,
@@ -235,14 +253,15 @@ def linear_logprobs_forward(
         hidden.stride(0),
         weight.stride(0),
         splits,
-        1.0 / temperature,
+        n_bucket(n_tokens),
+        1.0 / head.temperature,
         device=hidden.device,
         dtype=hidden.dtype,
         WITH_ENTROPY=with_entropy,
     )
     part_tsum = part[3] if with_entropy else None
     logprob, lse, entropy = combine_partials(part_max, part_sumexp, part_tsum, part_target)
-    valid = targets != ignore_index
+    valid = head.valid
     logprob = torch.where(valid, logprob, 0.0)
     if entropy is not None:
         entropy = torch.where(valid, entropy, 0.0)

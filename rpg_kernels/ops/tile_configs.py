@@ -5,7 +5,7 @@ Each kernel family has a small autotune set for ``sm_80`` (A100: ``mma.sync``) a
 fp16/bf16 operands). ``tests/ops/test_compile.py`` compiles every entry below for both architectures
 (ahead of time, no GPU needed), checks that the sm_90 matmul loops use ``wgmma`` and that the
 configurations do not spill registers. Keep these sets small: each entry costs autotuning time on
-the first call with a new ``(V, H)`` and compile-test time here.
+the first call with a new ``(V, H, N bucket)`` and compile-test time here.
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU) autotuning would be far too slow, so the
 launchers use ``INTERPRETER`` (small tiles, so that masks on odd ``N, V, H`` are exercised).
@@ -14,7 +14,6 @@ Kernels and their tile roles (all 1-D grids on axis 0):
 
 - ``forward``: a program owns ``BLOCK_N`` tokens and one slice of the vocabulary; it walks the slice in
   ``BLOCK_V`` columns, each logits tile is a ``tl.dot`` loop over ``H`` in ``BLOCK_H`` steps.
-- ``backward_dz``: a program owns one ``(BLOCK_N, BLOCK_V)`` tile of ``dz`` (the default backward).
 - ``backward_dh``: a program owns ``BLOCK_N`` tokens (rows of ``dh``), walks all of ``V``.
 - ``backward_dw``: a program owns ``BLOCK_V`` vocabulary rows (rows of ``dW`` and ``db``), walks all of ``N``.
 - ``backward_atomic``: a program owns one ``(BLOCK_N, BLOCK_V)`` tile; ``dh``/``dW`` by atomic adds.
@@ -55,18 +54,16 @@ class TileConfig:
 # Small tiles for the interpreter: fast enough in NumPy, and smaller than the test shapes.
 INTERPRETER = TileConfig(block_n=32, block_v=64, block_h=32, num_warps=4, num_stages=1)
 
-# fp16/bf16 operands: tensor-core tiles. Checked spill-free with ptxas for aligned shapes (H, strides
-# multiples of 16, as in every LLM); odd H makes Triton drop its vectorised loads (still correct).
-# Two candidates for the kernels on the default path (forward, backward_dz), one for the others.
+# fp16/bf16 operands: tensor-core tiles. Checked with ptxas and the SASS for aligned shapes (H, strides
+# multiples of 16, as in every LLM): no spill inside a K loop (tests/ops/test_compile.py); odd H makes
+# Triton drop its vectorised loads (still correct).
+# Two candidates for the forward, one for each backward kernel (all on the fused path).
 _TENSOR_CORE = {
     80: {
         "forward": (
             TileConfig(64, 128, 32, num_warps=4, num_stages=3),
             TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-        ),
-        "backward_dz": (
-            TileConfig(64, 128, 32, num_warps=4, num_stages=3),
-            TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+            TileConfig(128, 256, 32, num_warps=8, num_stages=3),  # spills outside the K loop only
         ),
         "backward_dh": (TileConfig(64, 128, 32, num_warps=8, num_stages=3),),
         "backward_dw": (TileConfig(128, 64, 64, num_warps=8, num_stages=3),),
@@ -76,10 +73,7 @@ _TENSOR_CORE = {
         "forward": (
             TileConfig(64, 128, 64, num_warps=4, num_stages=3),
             TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-        ),
-        "backward_dz": (
-            TileConfig(64, 128, 64, num_warps=4, num_stages=3),
-            TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+            TileConfig(128, 256, 64, num_warps=8, num_stages=3),  # spills outside the K loop only
         ),
         "backward_dh": (TileConfig(64, 128, 64, num_warps=8, num_stages=3),),
         "backward_dw": (TileConfig(128, 64, 64, num_warps=8, num_stages=3),),
@@ -93,11 +87,11 @@ _TENSOR_CORE = {
 _FP32_FORWARD = TileConfig(64, 64, 32, num_warps=4, num_stages=2)
 _FP32_BACKWARD = TileConfig(32, 64, 32, num_warps=4, num_stages=2)
 _FP32 = {
-    cc: {k: (_FP32_FORWARD if k in ("forward", "backward_dz") else _FP32_BACKWARD,) for k in _TENSOR_CORE[cc]}
+    cc: {k: (_FP32_FORWARD if k == "forward" else _FP32_BACKWARD,) for k in _TENSOR_CORE[cc]}
     for cc in _TENSOR_CORE
 }
 
-KERNELS = ("forward", "backward_dz", "backward_dh", "backward_dw", "backward_atomic")
+KERNELS = ("forward", "backward_dh", "backward_dw", "backward_atomic")
 DTYPE_CLASSES = ("tensor_core", "fp32")
 
 
@@ -133,9 +127,10 @@ def launch(
 ) -> None:
     """Launch the ``@triton.jit`` kernel ``fn`` with ``grid(meta)`` programs.
 
-    Under the interpreter: one fixed ``INTERPRETER`` configuration. On a GPU: ``triton.autotune``
-    over ``configs_for(kernel, cc, dtype_class(dtype))``, keyed on ``V`` and ``H``; ``reset_to_zero``
-    names the buffers the kernel accumulates into (zeroed before every benchmark run).
+    Under the interpreter: one fixed ``INTERPRETER`` configuration. On a GPU: ``triton.autotune`` over
+    ``configs_for(kernel, cc, dtype_class(dtype))``, keyed on ``V``, ``H`` and ``n_bucket`` (the
+    power-of-two bucket of ``N``: tiles tuned at one N are not reused at a very different one);
+    ``reset_to_zero`` names the buffers the kernel accumulates into (zeroed before every benchmark run).
     """
     from rpg_kernels.ops.dispatch import triton_interpreter_enabled
 
@@ -153,6 +148,6 @@ def launch(
     if tuned is None:
         configs = [c.triton_config() for c in configs_for(kernel, cc_major, dtype_cls)]
         reset = list(reset_to_zero) or None
-        tuned = triton.autotune(configs=configs, key=["V", "H"], reset_to_zero=reset)(fn)
+        tuned = triton.autotune(configs=configs, key=["V", "H", "n_bucket"], reset_to_zero=reset)(fn)
         _AUTOTUNED[cache_key] = tuned
     tuned[grid](*args, **kwargs)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from rpg_kernels.config import LossConfig
+from rpg_kernels.loss.inputs import LossInputs
 
 ALGO_RPG, ALGO_RPG_REINFORCE, ALGO_PPO, ALGO_CISPO = 0, 1, 2, 3
 # grpo, dapo, dr_grpo and reinforce_pp share the PPO-style token loss; they differ in presets only.
@@ -117,56 +118,33 @@ def _dual_clip(ratio, adv, low_bound, high_bound, clip_c):
 
 
 @triton.jit
-def token_loss_epilogue_kernel(
-    logp_ptr,
-    old_ptr,
-    ref_ptr,
-    adv_ptr,
-    mask_ptr,
-    weight_ptr,
-    params_ptr,
-    loss_ptr,
-    grad_ptr,
-    zone_ptr,
-    kl_ptr,
-    ratio_ptr,
-    n_tokens,
-    adv_div,
+def token_loss(
+    lp,
+    old,
+    ref,
+    adv,
+    rollout_weight,
+    beta,
+    low_bound,
+    high_bound,
+    clip_c,
+    kl_clamp,
     ALGO: tl.constexpr,
     KL: tl.constexpr,
     CLIP_MODE: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK: tl.constexpr,
 ):
-    """One program per ``BLOCK`` tokens. ``adv_div``: 1 for per-token advantages, ``T`` for ``[B]`` ones.
+    """The per-token loss of docs/MATH.md §3 and its derivative in ``l``: ``(L, dL/dl, zone, kl, w)``.
 
-    ``params``: ``[beta, 1 - eps_low, 1 + eps_high, clip_c, kl_clamp]`` in ``COMPUTE``. ``KL`` is the
-    divergence for ALGO rpg/rpg_reinforce and the estimator (-1: none) for the others.
+    Works on blocks of tokens and on single tokens (the row kernel). ``ref == old`` means no reference
+    (``kappa = exp(0) = 1`` exactly). ``rollout_weight`` (docs/MATH.md §9) multiplies the whole loss of the
+    RPG algos and the policy term of the baselines. ``low_bound`` is ``1 - eps_low`` (``cispo`` without a
+    lower clip: 0); ``KL`` is the divergence for ALGO rpg/rpg_reinforce and the estimator (-1: none) else.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < n_tokens
-    keep = (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0) & in_range
-
-    beta = tl.load(params_ptr + 0)
-    low_bound = tl.load(params_ptr + 1)
-    high_bound = tl.load(params_ptr + 2)
-    clip_c = tl.load(params_ptr + 3)
-    kl_clamp = tl.load(params_ptr + 4)
-
-    # masked-out tokens are not read (other=0), so garbage there never reaches exp/log
-    lp = tl.load(logp_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
-    old = tl.load(old_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
-    adv = tl.load(adv_ptr + offs // adv_div, mask=keep, other=0.0).to(COMPUTE)
-    weight = tl.load(weight_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
-    # without a reference the wrapper passes ref_ptr = old_ptr: then log_rho == log_ratio and
-    # kappa == exp(0) == 1 exactly, at the price of re-reading cached memory
-    ref = tl.load(ref_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
     log_ratio = lp - old
     w = tl.exp(log_ratio)
     log_rho = lp - ref
     kappa = tl.exp(ref - old)
-    zone = tl.zeros([BLOCK], dtype=tl.int32)
+    zone = tl.zeros_like(lp).to(tl.int32)
 
     if ALGO == 0:  # rpg: DC(w, A) + beta * Omega
         omega, d_omega = _regulariser(w, log_rho, kappa, KL)
@@ -177,8 +155,8 @@ def token_loss_epilogue_kernel(
         else:
             policy, d_policy_dw, zone = _dual_clip(w, adv, low_bound, high_bound, clip_c)
             d_policy = d_policy_dw * w
-        loss = policy + beta * kl
-        grad = d_policy + beta * d_kl
+        loss = rollout_weight * (policy + beta * kl)
+        grad = rollout_weight * (d_policy + beta * d_kl)
     elif ALGO == 1:  # rpg_reinforce: -SG(w A + C(w)) l, C = -beta dOmega/dl
         if CLIP_MODE == 1:  # truncate: w -> clip(w), log(rho) shifted to match
             zone = tl.where(w < low_bound, 1, tl.where(w > high_bound, 2, 0))
@@ -203,7 +181,8 @@ def token_loss_epilogue_kernel(
             coef = tl.where(flows, coef, w_star * adv + coef_kl)
             grad = tl.where(flows, -coef, 0.0)
             zone = tl.where(high, 2, tl.where(low, 1, tl.where(dual, 3, 0)))
-        loss = -coef * lp
+        loss = -rollout_weight * coef * lp
+        grad = rollout_weight * grad
     else:  # the baselines: PPO-style (or CISPO) policy term + beta * estimator
         if KL >= 0:
             estimate, d_estimate = _estimator(w, log_rho, KL)
@@ -214,14 +193,14 @@ def token_loss_epilogue_kernel(
             kl, _ = _estimator(w, log_rho, 2)  # monitored only
             kl_loss = 0.0
             d_kl_loss = 0.0
-        if ALGO == 3:  # cispo: -SG(clip(w, 0, 1 + eps_high)) A l
+        if ALGO == 3:  # cispo: -SG(clip(w, 1 - eps_low, 1 + eps_high)) A l
             if CLIP_MODE == 2:
-                zone = tl.where(w > high_bound, 2, 0)
-                w_c = tl.minimum(w, high_bound)
+                zone = tl.where(w > high_bound, 2, tl.where(w < low_bound, 1, 0))
+                w_c = tl.maximum(tl.minimum(w, high_bound), low_bound)
             else:
                 w_c = w
-            loss = -w_c * adv * lp + kl_loss
-            grad = -w_c * adv + d_kl_loss
+            loss = -rollout_weight * w_c * adv * lp + kl_loss
+            grad = -rollout_weight * w_c * adv + d_kl_loss
         else:
             if CLIP_MODE == 0:
                 policy = -adv * w
@@ -229,14 +208,137 @@ def token_loss_epilogue_kernel(
             else:
                 policy, d_policy_dw, zone = _dual_clip(w, adv, low_bound, high_bound, clip_c)
                 d_policy = d_policy_dw * w
-            loss = policy + kl_loss
-            grad = d_policy + d_kl_loss
+            loss = rollout_weight * policy + kl_loss
+            grad = rollout_weight * d_policy + d_kl_loss
+    return loss, grad, zone, kl, w
 
+
+@triton.jit
+def token_loss_epilogue_kernel(
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    mask_ptr,
+    weight_ptr,
+    rollout_weight_ptr,
+    params_ptr,
+    loss_ptr,
+    grad_ptr,
+    zone_ptr,
+    kl_ptr,
+    ratio_ptr,
+    n_tokens,
+    adv_div,
+    ALGO: tl.constexpr,
+    KL: tl.constexpr,
+    CLIP_MODE: tl.constexpr,
+    HAS_ROLLOUT_WEIGHT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per ``BLOCK`` tokens. ``adv_div``: 1 for per-token advantages, ``T`` for ``[B]`` ones.
+
+    ``params``: ``[beta, 1 - eps_low, 1 + eps_high, clip_c, kl_clamp]`` in ``COMPUTE`` (`kernel_params`).
+    ``rollout_weight_ptr``: per-token weights (read when ``HAS_ROLLOUT_WEIGHT``).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n_tokens
+    keep = (tl.load(mask_ptr + offs, mask=in_range, other=0) != 0) & in_range
+    beta, low_bound, high_bound, clip_c, kl_clamp = load_params(params_ptr)
+
+    # masked-out tokens are not read (other=0), so garbage there never reaches exp/log
+    lp = tl.load(logp_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    old = tl.load(old_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    adv = tl.load(adv_ptr + offs // adv_div, mask=keep, other=0.0).to(COMPUTE)
+    weight = tl.load(weight_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    # without a reference the wrapper passes ref_ptr = old_ptr: then log_rho == log_ratio and
+    # kappa == exp(0) == 1 exactly, at the price of re-reading cached memory
+    ref = tl.load(ref_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    if HAS_ROLLOUT_WEIGHT:
+        rollout_weight = tl.load(rollout_weight_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
+    else:
+        rollout_weight = 1.0
+    loss, grad, zone, kl, w = token_loss(
+        lp, old, ref, adv, rollout_weight, beta, low_bound, high_bound, clip_c, kl_clamp, ALGO, KL, CLIP_MODE
+    )
     tl.store(loss_ptr + offs, tl.where(keep, loss, 0.0), mask=in_range)
     tl.store(grad_ptr + offs, tl.where(keep, grad * weight, 0.0), mask=in_range)
     tl.store(zone_ptr + offs, tl.where(keep, zone, 0).to(tl.int8), mask=in_range)
     tl.store(kl_ptr + offs, tl.where(keep, kl, 0.0), mask=in_range)
     tl.store(ratio_ptr + offs, tl.where(keep, w, 0.0), mask=in_range)
+
+
+@triton.jit
+def load_params(params_ptr):
+    """``(beta, 1 - eps_low, 1 + eps_high, clip_c, kl_clamp)`` from the `kernel_params` tensor."""
+    beta = tl.load(params_ptr + 0)
+    low_bound = tl.load(params_ptr + 1)
+    high_bound = tl.load(params_ptr + 2)
+    clip_c = tl.load(params_ptr + 3)
+    kl_clamp = tl.load(params_ptr + 4)
+    return beta, low_bound, high_bound, clip_c, kl_clamp
+
+
+# (algo, overrides, compute dtype, log-prob input type): every ALGO x CLIP_MODE pair, every KL code, both
+# compute dtypes and the half-precision inputs appear; `aot_variants(every=True)` compiles them all.
+_COVERING_SET = [
+    ("rpg", dict(kl="fkl", clip_mode="none"), torch.float32, "bf16"),
+    ("rpg", dict(kl="urkl", clip_mode="dual"), torch.float64, "fp64"),
+    ("rpg_reinforce", dict(kl="rkl", clip_mode="none"), torch.float32, "fp16"),
+    ("rpg_reinforce", dict(kl="ufkl", clip_mode="truncate"), torch.float32, "fp32"),
+    ("rpg_reinforce", dict(kl="urkl", clip_mode="dual"), torch.float32, "bf16"),
+    ("grpo", dict(kl_estimator="k3", clip_mode="dual"), torch.float32, "fp32"),
+    ("grpo", dict(kl_estimator=None, clip_mode="none"), torch.float64, "fp64"),
+    ("cispo", dict(kl_estimator="k2", clip_mode="dual"), torch.float32, "fp32"),
+    ("cispo", dict(kl_estimator="k1", clip_mode="none"), torch.float32, "fp32"),
+    ("grpo", dict(kl_estimator="k3_is", clip_mode="dual"), torch.float32, "fp32"),
+]
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _every_combination():
+    """Every (ALGO, KL, CLIP_MODE) the package can launch, times both compute dtypes."""
+    from rpg_kernels.config import KL_ESTIMATORS, KLS
+
+    cases = [("rpg", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "dual")]
+    cases += [("rpg_reinforce", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "truncate", "dual")]
+    for algo in ("grpo", "cispo"):
+        cases += [
+            (algo, dict(kl_estimator=e, clip_mode=m))
+            for e in (None, *KL_ESTIMATORS)
+            for m in ("none", "dual")
+        ]
+    out = {}
+    for algo, overrides in cases:
+        for dtype in (torch.float32, torch.float64):
+            config = LossConfig.preset(algo, **overrides)
+            out[tuple(kernel_constexprs(config, dtype).values())] = (
+                algo,
+                overrides,
+                dtype,
+                _DTYPE_NAMES[dtype],
+            )
+    return list(out.values())
+
+
+def aot_variants(every: bool = False):
+    """Yield ``(family, kernel, types, constexprs)``: a covering set of the epilogue's launches, or with
+    ``every`` each (ALGO, KL, CLIP_MODE, COMPUTE) combination the package can launch."""
+    pointers = ("old_ptr", "ref_ptr", "adv_ptr", "weight_ptr", "rollout_weight_ptr", "loss_ptr", "grad_ptr")
+    pointers += ("kl_ptr", "ratio_ptr", "params_ptr")
+    for index, (algo, overrides, compute, input_type) in enumerate(
+        _every_combination() if every else _COVERING_SET
+    ):
+        config = LossConfig.preset(algo, **overrides)
+        name = _DTYPE_NAMES[compute]
+        types = {p: f"*{name}" for p in pointers}
+        types.update(logp_ptr=f"*{input_type}", mask_ptr="*i8", zone_ptr="*i8", n_tokens="i64", adv_div="i64")
+        constexprs = dict(
+            kernel_constexprs(config, compute), HAS_ROLLOUT_WEIGHT=index % 2 == 1, BLOCK=DEFAULT_BLOCK
+        )
+        yield "token_loss_epilogue", token_loss_epilogue_kernel, types, constexprs
 
 
 @dataclass
@@ -266,7 +368,8 @@ def kernel_params(config: LossConfig, compute_dtype: torch.dtype, device: torch.
     The bounds are formed in float64 and rounded once, as the PyTorch path does. Read-only.
     """
     kl_clamp = float("inf") if config.kl_clamp is None else config.kl_clamp
-    values = [config.beta, 1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_c, kl_clamp]
+    low_bound = 0.0 if config.eps_low is None else 1.0 - config.eps_low  # cispo without a lower clip
+    values = [config.beta, low_bound, 1.0 + config.eps_high, config.clip_c, kl_clamp]
     return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=compute_dtype)
 
 
@@ -278,12 +381,14 @@ def token_loss_epilogue(
     weights: torch.Tensor,
     config: LossConfig,
     ref_logprobs: torch.Tensor | None = None,
+    rollout_weights: torch.Tensor | None = None,
     block: int = DEFAULT_BLOCK,
 ) -> EpilogueOutputs:
     """Launch the epilogue on ``[B, T]`` inputs (validated by the caller; masked-out entries may be garbage).
 
-    ``advantages``: ``[B, 1]`` or ``[B, T]``; ``mask``: bool ``[B, T]``; ``weights``: aggregation weights
-    ``[B, T]`` in the compute dtype (fp64 when any input is fp64, else fp32), 0 on masked-out tokens.
+    ``advantages`` and ``rollout_weights``: ``[B, 1]`` or ``[B, T]``; ``mask``: bool ``[B, T]``;
+    ``weights``: aggregation weights ``[B, T]`` in the compute dtype (fp64 when any input is fp64, else
+    fp32), 0 on masked-out tokens.
     """
     batch, length = logprobs.shape
     compute_dtype = weights.dtype
@@ -312,6 +417,7 @@ def token_loss_epilogue(
             flat(advantages.reshape(batch, -1)),
             flat(mask.to(torch.bool)).view(torch.int8),
             flat(weights),
+            flat(rollout_weights.expand(batch, length)) if rollout_weights is not None else old,
             params,
             outputs.loss,
             outputs.grad,
@@ -321,7 +427,50 @@ def token_loss_epilogue(
             n_tokens,
             length if per_sequence else 1,
             **kernel_constexprs(config, compute_dtype),
+            HAS_ROLLOUT_WEIGHT=rollout_weights is not None,
             BLOCK=block,
             num_warps=NUM_WARPS,
         )
     return EpilogueOutputs(*(t.view(batch, length) for t in vars(outputs).values()))
+
+
+def epilogue_loss_and_grads(
+    inputs: LossInputs,
+    weights: torch.Tensor,
+    config: LossConfig,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    entropy_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The loss, ``weight * dL/dl``, ``dL/dH`` and the metrics of a token-level algo, by the epilogue.
+
+    ``inputs``: prepared (`rpg_kernels.loss.inputs.prepare_loss_inputs`); ``weights``: their aggregation
+    weights ``[B, T]``; ``logprobs``, ``entropy``: ``[B, T]`` from the head. Returns what
+    `rpg_kernels.loss.loss_and_logprob_grads` returns, computed by one Triton launch.
+    """
+    from rpg_kernels.loss import loss_metrics
+
+    dtype = weights.dtype
+    logprobs = torch.where(inputs.mask, logprobs.to(dtype), 0.0)
+    out = token_loss_epilogue(
+        logprobs,
+        inputs.old_logprobs,
+        inputs.advantages,
+        inputs.mask,
+        weights,
+        config,
+        inputs.ref_logprobs,
+        inputs.rollout_weights,
+    )
+    loss = (out.loss * weights).sum()
+    grad_entropy = clean_entropy = None
+    if entropy is not None:
+        clean_entropy = torch.where(inputs.mask, entropy.to(dtype), 0.0)
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * (clean_entropy * weights).sum()
+        grad_entropy = -entropy_coef * weights
+    zone = out.zone
+    metrics = loss_metrics(
+        inputs.mask, out.kl, out.ratio, zone == ZONE_LOW, zone == ZONE_HIGH, zone == ZONE_DUAL, clean_entropy
+    )
+    return loss, out.grad, grad_entropy, metrics

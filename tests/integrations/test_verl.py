@@ -8,7 +8,7 @@ import torch
 from rpg_kernels import LossConfig, rpg_loss
 from rpg_kernels.config import KLS
 from rpg_kernels.integrations import verl as rk_verl
-from rpg_kernels.loss import prepare_loss_inputs, token_losses
+from rpg_kernels.loss import prepare_loss_inputs, token_losses, validate_loss_inputs
 
 HAS_VERL = importlib.util.find_spec("verl") is not None
 LOCAL_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -71,7 +71,8 @@ def test_matches_rpg_loss_for_every_aggregation(algo, kl, clip_mode):
     )
     for seed, info in enumerate(GLOBAL_INFOS):
         old, logp, advantages, mask = _inputs(seed)
-        prepared = prepare_loss_inputs(logp, old, advantages, mask)
+        raw = validate_loss_inputs(logp, old, advantages, mask, config=expected_cfg)
+        prepared = prepare_loss_inputs(raw)
         per_token = token_losses(
             prepared.logprobs, prepared.old_logprobs, prepared.advantages, prepared.mask, None, expected_cfg
         ).loss

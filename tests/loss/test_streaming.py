@@ -1,14 +1,26 @@
 """StreamingLoss (chunk by chunk) equals rpg_loss on the whole batch: value, metrics and grads."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import rpg_kernels as rk
 from rpg_kernels.config import AGGS, ALGOS, KLS
+from rpg_kernels.loss.aggregation import aggregation_weights
+from rpg_kernels.loss.inputs import prepare_loss_inputs, validate_loss_inputs
 from rpg_kernels.loss.streaming import StreamingLoss, supports_streaming
 
 STREAMING_ALGOS = [a for a in ALGOS if a != "gspo"]
 CASES = [(algo, kl, agg) for algo in STREAMING_ALGOS for kl, agg in zip(KLS, AGGS)]
+
+
+def make_stream(old, adv, mask, ref, cfg, num_items=None, coef=0.0, dtype=torch.float32):
+    """A StreamingLoss as the fused loss builds it: validated, prepared inputs and their weights."""
+    raw = validate_loss_inputs(None, old, adv, mask, ref, config=cfg, num_items=num_items, entropy_coef=coef)
+    prepared = prepare_loss_inputs(dataclasses.replace(raw, dtype=dtype))
+    weights = aggregation_weights(prepared.mask, cfg.agg, num_items, dtype)
+    return StreamingLoss(prepared, weights, cfg, coef)
 
 
 def make_batch(seed, b=4, t=9):
@@ -42,7 +54,7 @@ def test_streaming_equals_rpg_loss(algo, kl, agg, with_ref, num_items, chunk):
     )
     expected.backward()
 
-    stream = StreamingLoss(torch.float32, old, adv, mask, ref, cfg, num_items, coef)
+    stream = make_stream(old, adv, mask, ref, cfg, num_items, coef)
     flat_lp, flat_ent = logprobs.reshape(-1), entropy.reshape(-1)
     g_l, g_h = [], []
     for n0 in range(0, flat_lp.numel(), chunk):
@@ -63,7 +75,7 @@ def test_streaming_equals_rpg_loss(algo, kl, agg, with_ref, num_items, chunk):
 
 def test_streaming_without_entropy_bonus_returns_no_entropy_grad():
     logprobs, old, adv, mask, ref, entropy = make_batch(0)
-    stream = StreamingLoss(torch.float64, old, adv, mask, None, rk.LossConfig(), None, 0.0)
+    stream = make_stream(old, adv, mask, None, rk.LossConfig(), dtype=torch.float64)
     grad_l, grad_h = stream.token_grads(slice(0, 5), logprobs.reshape(-1)[:5], entropy.reshape(-1)[:5])
     assert grad_h is None and grad_l.dtype == torch.float32 and stream.dtype == torch.float64
 
@@ -74,10 +86,4 @@ def test_gspo_does_not_stream():
     assert not supports_streaming(cfg)
     assert all(supports_streaming(rk.LossConfig.preset(a)) for a in STREAMING_ALGOS)
     with pytest.raises(ValueError, match="gspo"):
-        StreamingLoss(torch.float32, old, adv, mask, None, cfg)
-
-
-def test_streaming_checks_inputs_like_rpg_loss():
-    _, old, adv, mask, _, _ = make_batch(0)
-    with pytest.raises(ValueError, match="advantages"):
-        StreamingLoss(torch.float32, old, adv[:2], mask, None, rk.LossConfig())
+        make_stream(old, adv, mask, None, cfg)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rpg_kernels.ops.lm_head import LMHead, UpstreamGrads
+
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 # bf16 tl.dot is wrong in the Triton interpreter (CONTRIBUTING.md): bf16 kernel tests need a GPU.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
@@ -93,3 +95,13 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rel: f
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     bound = rel * max(expected.abs().max().item() if expected.numel() else 0.0, scale)
     assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g}"
+
+
+def head_of(p: Problem, ignore_index: int = -100) -> LMHead:
+    """The `LMHead` of a problem (the dtype the problem was made in)."""
+    return LMHead(p.hidden, p.weight, p.bias, p.targets, p.temperature, ignore_index)
+
+
+def upstream(p: Problem, with_entropy_grad: bool = True) -> UpstreamGrads:
+    """The problem's per-token upstream grads (entropy's only when asked)."""
+    return UpstreamGrads(p.grad_logprob, p.grad_entropy if with_entropy_grad else None)

@@ -14,7 +14,8 @@ from rpg_kernels.ops.chunked import (
     single_pass_fits,
     single_pass_token_chunk,
 )
-from tests.ops.ops_reference import assert_close, make_problem, reference
+from rpg_kernels.ops.lm_head import LMHead
+from tests.ops.ops_reference import assert_close, head_of, make_problem, reference, upstream
 
 # (seed, N, H, V, chunk_elements): small budgets force token chunks of 1 row and vocabulary chunks.
 CASES = [
@@ -30,26 +31,15 @@ CASES = [
 @pytest.mark.parametrize("seed,n,h,v,chunk", CASES)
 def test_chunked_matches_float64_reference(seed, n, h, v, chunk):
     p = make_problem(seed, n, h, v, bias=seed % 2 == 0, temperature=0.5 + seed / 7)
-    logprob, lse, entropy = chunked_forward(
-        p.hidden, p.weight, p.bias, p.targets, p.temperature, with_entropy=True, chunk_elements=chunk
-    )
+    logprob, lse, entropy = chunked_forward(head_of(p), with_entropy=True, chunk_elements=chunk)
     ref = reference(p)
     scale = ref["logit_max"].item()
     assert_close("logprob", logprob, ref["logprob"], 1e-5, scale=scale)
-    assert_close("lse", lse, ref["lse"], 1e-5, scale=scale)
+    valid = p.targets != -100  # ignored tokens do not run (their lse stays 0)
+    assert_close("lse", lse[valid], ref["lse"][valid], 1e-5, scale=scale)
     assert_close("entropy", entropy, ref["entropy"], 1e-5)
-    dh, dw, db = chunked_backward(
-        p.hidden,
-        p.weight,
-        p.bias,
-        p.targets,
-        lse,
-        entropy,
-        p.grad_logprob,
-        p.grad_entropy,
-        p.temperature,
-        chunk_elements=chunk,
-    )
+    grads = chunked_backward(head_of(p), lse, entropy, upstream(p), chunk_elements=chunk)
+    dh, dw, db = grads.hidden, grads.weight, grads.bias
     assert_close("dh", dh, ref["dh"], 1e-5)
     assert_close("dw", dw, ref["dw"], 1e-5)
     if p.bias is not None:
@@ -60,25 +50,13 @@ def test_chunked_matches_float64_reference(seed, n, h, v, chunk):
 @pytest.mark.parametrize("seed", range(3))
 def test_chunked_huge_logits(seed):
     p = make_problem(10 + seed, 64, 32, 500, logit_scale=400.0, temperature=1.0)
-    logprob, lse, entropy = chunked_forward(
-        p.hidden, p.weight, p.bias, p.targets, 1.0, with_entropy=True, chunk_elements=64 * 100
-    )
+    logprob, lse, entropy = chunked_forward(head_of(p), with_entropy=True, chunk_elements=64 * 100)
     ref = reference(p)
     assert ref["logit_max"] > 1000
     assert_close("logprob", logprob, ref["logprob"], 1e-6, scale=ref["logit_max"].item())
     assert_close("entropy", entropy, ref["entropy"], 1e-3)
-    dh, dw, db = chunked_backward(
-        p.hidden,
-        p.weight,
-        p.bias,
-        p.targets,
-        lse,
-        entropy,
-        p.grad_logprob,
-        p.grad_entropy,
-        1.0,
-        chunk_elements=64 * 100,
-    )
+    grads = chunked_backward(head_of(p), lse, entropy, upstream(p), chunk_elements=64 * 100)
+    dh, dw = grads.hidden, grads.weight
     assert_close("dh", dh, ref["dh"], 1e-4)
     assert_close("dw", dw, ref["dw"], 1e-4)
 
@@ -126,16 +104,22 @@ def test_single_pass_matches_float64_reference(seed, n, h, v, chunk, entropy_gra
     ref = reference(p, with_entropy_grad=entropy_grad)
     seen = []
 
-    def token_grads(rows, logprob, entropy):
-        seen.append(rows)
-        assert_close("callback logprob", logprob, ref["logprob"][rows], 1e-5, scale=ref["logit_max"].item())
-        assert_close("callback entropy", entropy, ref["entropy"][rows], 1e-5)
-        return p.grad_logprob[rows], (p.grad_entropy[rows] if entropy_grad else None)
+    logprob, entropy = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
 
-    logprob, entropy, (dh, dw, db) = chunked_forward_backward(
-        p.hidden, p.weight, p.bias, p.targets, token_grads, p.temperature, chunk_elements=chunk
-    )
-    assert [r.start for r in seen] == list(range(0, n, single_pass_token_chunk(n, v, chunk)))
+    def token_grads(tokens, chunk_logprob, chunk_entropy):
+        seen.append(tokens)
+        logprob[tokens], entropy[tokens] = chunk_logprob.double(), chunk_entropy.double()
+        return p.grad_logprob[tokens], (p.grad_entropy[tokens] if entropy_grad else None)
+
+    keep = torch.ones(n, dtype=torch.bool)
+    grads = chunked_forward_backward(head_of(p), keep, token_grads, chunk_elements=chunk)
+    dh, dw, db = grads.hidden, grads.weight, grads.bias
+    # only the tokens with a target run, gathered into blocks of whole vocabulary rows
+    runs = (p.targets != -100).nonzero()[:, 0]
+    block = single_pass_token_chunk(len(runs), v, chunk)
+    assert [torch.arange(n)[t].tolist() for t in seen] == [
+        runs[i : i + block].tolist() for i in range(0, len(runs), block)
+    ]
     assert_close("logprob", logprob, ref["logprob"], 1e-5, scale=ref["logit_max"].item())
     assert_close("entropy", entropy, ref["entropy"], 1e-5)
     assert_close("dh", dh, ref["dh"], 1e-5)
@@ -151,6 +135,24 @@ def test_single_pass_chunks_whole_vocabulary_rows():
     assert single_pass_token_chunk(1000, 300, 64 * 100) == MIN_TOKENS_PER_CHUNK  # rows, not the budget
     assert single_pass_token_chunk(1000, 300, 300 * 100) == 100
     assert single_pass_token_chunk(5, 300, 300 * 100) == 5
-    hidden, targets = torch.randn(2, 1), torch.tensor([0, 1])
+    head = LMHead(torch.randn(2, 1), torch.randn(limit + 1, 1), None, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="weight"):
-        chunked_forward_backward(hidden, torch.randn(limit + 1, 1), None, targets, lambda *a: None)
+        chunked_forward_backward(head, torch.ones(2, dtype=torch.bool), lambda *a: None)
+
+
+def test_masked_out_rows_never_reach_a_product():
+    """NaN / inf hidden rows of tokens outside ``keep`` leave the single pass's grads finite and exact."""
+    p = make_problem(30, 40, 16, 77, bias=True)
+    keep = torch.rand(40, generator=torch.Generator().manual_seed(0)) > 0.3
+    p.hidden[~keep] = float("nan")
+    p.hidden[(~keep).nonzero()[0, 0]] = float("inf")
+    grads = chunked_forward_backward(
+        head_of(p), keep, lambda t, lp, ent: (p.grad_logprob[t], p.grad_entropy[t])
+    )
+    clean = make_problem(30, 40, 16, 77, bias=True)
+    clean.grad_logprob[~keep] = 0.0
+    clean.grad_entropy[~keep] = 0.0
+    ref = reference(clean)
+    assert_close("dw", grads.weight, ref["dw"], 1e-5)
+    assert_close("db", grads.bias, ref["db"], 1e-5)
+    assert (grads.hidden[~keep] == 0).all()

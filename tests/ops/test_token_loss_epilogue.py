@@ -2,12 +2,7 @@
 ahead-of-time compilation for sm_80 / sm_90."""
 
 import itertools
-import json
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +12,7 @@ from rpg_kernels import LossConfig
 from rpg_kernels.config import KL_ESTIMATORS, KLS
 from rpg_kernels.loss import loss_and_logprob_grads
 from rpg_kernels.loss.aggregation import aggregation_weights
+from rpg_kernels.loss.inputs import prepare_loss_inputs, validate_loss_inputs
 from rpg_kernels.loss.token_losses import token_losses
 from tests.loss.loss_reference import make_inputs, value_and_grad
 
@@ -24,6 +20,23 @@ triton = pytest.importorskip("triton")
 epilogue = pytest.importorskip("rpg_kernels.ops.token_loss_epilogue")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "ratio_max")
+
+
+def grads_by(backend, logprobs, old, adv, mask, ref=None, config=None, num_items=None, **kwargs):
+    """``(loss, dL/dl, dL/dH, metrics)`` by autograd (``"torch"``) or by the epilogue (``"triton"``)."""
+    if backend == "torch":
+        return loss_and_logprob_grads(logprobs, old, adv, mask, ref, config, num_items, **kwargs)
+    entropy, entropy_coef = kwargs.get("entropy"), kwargs.get("entropy_coef", 0.0)
+    raw = validate_loss_inputs(
+        logprobs, old, adv, mask, ref, entropy, config=config, num_items=num_items, entropy_coef=entropy_coef
+    )
+    prepared = prepare_loss_inputs(raw)
+    weights = aggregation_weights(prepared.mask, config.agg, num_items, prepared.dtype)
+    loss, grad, grad_entropy, metrics = epilogue.epilogue_loss_and_grads(
+        prepared, weights, config, prepared.logprobs, prepared.entropy, entropy_coef
+    )
+    grad_entropy = None if entropy is None else grad_entropy.to(entropy.dtype)
+    return loss, grad.to(logprobs.dtype).reshape(logprobs.shape), grad_entropy, metrics
 
 
 def token_level_cases():
@@ -63,8 +76,8 @@ def test_triton_backend_equals_torch_backend(case):
         _, t = make_inputs(seed, batch, length, with_ref=with_ref)
         t = {k: v if v is None or k == "mask" else v.to(dtype) for k, v in to_device(t).items()}
         args = (t["lp"], t["lo"], t["a"], t["mask"], t["lref"], cfg)
-        expected = loss_and_logprob_grads(*args, backend="torch")
-        got = loss_and_logprob_grads(*args, backend="triton")
+        expected = grads_by("torch", *args)
+        got = grads_by("triton", *args)
         tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(got[0], expected[0], **tol)
         torch.testing.assert_close(got[1], expected[1], **tol)
@@ -131,9 +144,7 @@ def test_kl_clamp_against_reference(algo, kl_clamp):
     cfg = LossConfig.preset(algo, beta=0.5, kl_clamp=kl_clamp, agg="token-mean", **extra)
     (lp, lo, lref, a, mask), t = make_inputs(31, 4, 23, with_ref=True)
     t = to_device(t)
-    value, grad, _, _ = loss_and_logprob_grads(
-        t["lp"], t["lo"], t["a"], t["mask"], t["lref"], cfg, backend="triton"
-    )
+    value, grad, _, _ = grads_by("triton", t["lp"], t["lo"], t["a"], t["mask"], t["lref"], cfg)
     as_dict = {
         f: getattr(cfg, f) for f in ("algo", "kl", "kl_estimator", "beta", "eps_low", "eps_high", "clip_c")
     }
@@ -160,8 +171,8 @@ def test_mixed_dtypes_entropy_num_items_and_sequence_advantages():
         7,
     )
     kwargs = dict(entropy=entropy, entropy_coef=0.03)
-    expected = loss_and_logprob_grads(*args, **kwargs, backend="torch")
-    got = loss_and_logprob_grads(*args, **kwargs, backend="triton")
+    expected = grads_by("torch", *args, **kwargs)
+    got = grads_by("triton", *args, **kwargs)
     assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-2, atol=1e-5)
@@ -170,78 +181,18 @@ def test_mixed_dtypes_entropy_num_items_and_sequence_advantages():
         torch.testing.assert_close(got[3][key], expected[3][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_all_zero_mask_and_gspo_fallback():
+def test_all_zero_mask_and_no_gspo_epilogue():
     _, t = make_inputs(43, 3, 9, with_ref=True)
     t = to_device(t)
     zero = torch.zeros_like(t["mask"])
-    for algo in ("rpg", "rpg_reinforce", "grpo", "cispo", "gspo"):
-        value, grad, _, metrics = loss_and_logprob_grads(
-            t["lp"], t["lo"], t["a"], zero, t["lref"], LossConfig.preset(algo), backend="triton"
+    for algo in ("rpg", "rpg_reinforce", "grpo", "cispo"):
+        value, grad, _, metrics = grads_by(
+            "triton", t["lp"], t["lo"], t["a"], zero, t["lref"], LossConfig.preset(algo)
         )
         assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
         assert all(float(v) == 0.0 for v in metrics.values())
-    gspo = LossConfig.preset("gspo")
-    args = (t["lp"], t["lo"], t["a"], t["mask"], t["lref"], gspo)
-    torch.testing.assert_close(
-        loss_and_logprob_grads(*args, backend="triton")[1],
-        loss_and_logprob_grads(*args, backend="torch")[1],
-        rtol=0,
-        atol=0,
-    )
-    with pytest.raises(ValueError, match="algo"):
-        epilogue.kernel_constexprs(gspo, torch.float32)
-
-
-# ---- ahead-of-time compilation for real GPUs (no GPU needed) ----
-# `triton.jit` returns interpreter objects when TRITON_INTERPRET=1 (set by the tests' conftest on CPU
-# machines), so the compilation runs in a subprocess without it: tests/ops/epilogue_aot_worker.py.
-
-WORKER = Path(__file__).with_name("epilogue_aot_worker.py")
-
-
-def run_workers(*args: str, timeout: float) -> dict[int, list[dict]]:
-    """Run the worker for sm_80 and sm_90 side by side; their JSON results by compute capability."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {
-        cc: subprocess.Popen(
-            [sys.executable, str(WORKER), str(cc), *args],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for cc in (80, 90)
-    }
-    results = {}
-    for cc, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, stderr[-4000:]
-        results[cc] = json.loads(stdout.strip().splitlines()[-1])
-    return results
-
-
-def check_results(results: list[dict], cc: int) -> None:
-    assert results
-    for r in results:
-        assert r["cubin_bytes"] > 0 and r["has_entry"] and r["target"].startswith(f"sm_{cc}"), r
-        assert r["spill_bytes"] in (0, None), r
-    seen = [tuple(r["constexprs"][k] for k in ("ALGO", "KL", "CLIP_MODE", "COMPUTE")) for r in results]
-    assert {s[0] for s in seen} == {0, 1, 2, 3} and {s[1] for s in seen} == {-1, 0, 1, 2, 3}
-    assert {s[2] for s in seen} == {0, 1, 2} and {s[3] for s in seen} == {"fp32", "fp64"}
-
-
-def test_aot_compiles_covering_set():
-    """A few launches per architecture in which every ALGO x CLIP_MODE pair, every KL code and both
-    compute dtypes appear; registers/spills read with ptxas."""
-    for cc, results in run_workers(timeout=600).items():
-        check_results(results, cc)
-
-
-@pytest.mark.slow
-def test_aot_compiles_every_constexpr_combination():
-    for cc, results in run_workers("--all", timeout=1800).items():
-        assert len(results) == 80  # 40 (ALGO, KL, CLIP_MODE) x 2 compute dtypes
-        check_results(results, cc)
+    with pytest.raises(ValueError, match="algo"):  # gspo's sequence ratio is not a token-level epilogue
+        epilogue.kernel_constexprs(LossConfig.preset("gspo"), torch.float32)
 
 
 @pytest.mark.parametrize("kl", KLS)
@@ -253,10 +204,10 @@ def test_underflowing_ratio_matches_float64(kl):
     adv = torch.tensor([[1.0, -1.0, 0.5, -0.3]], dtype=torch.float64)
     mask = torch.ones(1, 4, dtype=torch.bool)
     cfg = LossConfig.preset("rpg_reinforce", kl=kl, beta=0.01)
-    expected = loss_and_logprob_grads(lp, old, adv, mask, config=cfg, backend="torch")
+    expected = grads_by("torch", lp, old, adv, mask, config=cfg)
     args = [t.float().to(DEVICE) for t in (lp, old, adv)]
     for backend in ("torch", "triton"):
-        got = loss_and_logprob_grads(args[0], args[1], args[2], mask.to(DEVICE), config=cfg, backend=backend)
+        got = grads_by(backend, args[0], args[1], args[2], mask.to(DEVICE), config=cfg)
         assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all()
         torch.testing.assert_close(got[0].double().cpu(), expected[0], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(got[1].double().cpu(), expected[1], rtol=1e-5, atol=1e-7)
