@@ -20,6 +20,14 @@ How TRL's settings map onto `rpg_kernels.LossConfig` (see `loss_config_from_grpo
 * ``beta`` → ``LossConfig.beta``; ``epsilon``/``epsilon_high`` → ``eps_low``/``eps_high`` (for ``cispo``
   TRL's ``epsilon_high`` is the absolute weight cap, so ``eps_high = epsilon_high - 1``);
   ``temperature`` → the fused kernels' temperature; ``use_bias_correction_kl`` → ``kl_estimator="k3_is"``.
+* ``delta`` (TRL's two-sided clip) → ``clip_c = delta`` (the same loss when ``delta > 1 + epsilon_high``).
+* The constant weights TRL puts on its policy term -- the vLLM importance-sampling correction
+  (``vllm_importance_sampling_correction``, on by default with ``use_vllm``: TRL's own
+  ``importance_sampling_ratio``, any of its four modes), the off-policy sequence mask
+  (``off_policy_mask_threshold``) and the high-entropy token mask (``top_entropy_quantile``) -- are passed
+  as ``rollout_weights`` (docs/MATH.md §9). The two masks need the current policy's log-probs and
+  entropies: one extra no-grad pass of the fused head (``2 N H V`` flops) on the hidden states already
+  computed, through TRL's own ``get_off_policy_mask`` / ``get_high_entropy_mask``.
 * RPG's own knobs: ``rpg_kl``, ``rpg_clip_mode``, ``rpg_clip_c``, ``rpg_kl_clamp``, ``rpg_kl_estimator``.
 * ``rpg_reference``: ``"old"`` (RPG's iterative reference, the sampling policy: no reference model is
   loaded, whatever ``beta``) or ``"model"`` (TRL's frozen reference model, loaded when ``beta > 0``).
@@ -121,20 +129,22 @@ def reference_mode(args: GRPOConfig) -> str:
 
 
 def _check_supported(args: GRPOConfig) -> None:
-    unsupported = {
-        "delta": args.delta is not None,
-        "off_policy_mask_threshold": args.off_policy_mask_threshold is not None,
-        "top_entropy_quantile": args.top_entropy_quantile < 1.0,
-        "use_adaptive_entropy": args.use_adaptive_entropy,
-        "vllm_importance_sampling_correction": args.use_vllm and args.vllm_importance_sampling_correction,
-    }
-    for name, is_set in unsupported.items():
-        if is_set:
-            raise ValueError(f"{name}: not supported by the RPG loss; leave it at TRL's default (off)")
+    """Refuse, with TRL's default and the change to make, what the RPG loss cannot express."""
+    if args.use_adaptive_entropy:
+        raise ValueError(
+            "use_adaptive_entropy: TRL's adaptive entropy bonus is not supported by RPGGRPOTrainer (TRL's "
+            "default is False); set use_adaptive_entropy=False and a fixed entropy_coef"
+        )
+    if args.top_entropy_quantile < 1.0 and args.entropy_coef != 0.0:
+        raise ValueError(
+            "top_entropy_quantile: with an entropy bonus TRL normalises the bonus over the high-entropy "
+            "tokens only, which the RPG loss does not; keep TRL's default top_entropy_quantile=1.0 or set "
+            "entropy_coef=0"
+        )
     if args.loss_type not in _AGG_OF_LOSS_TYPE:
         raise ValueError(
             f"loss_type={args.loss_type!r} is not supported by the RPG loss; "
-            f"use one of {sorted(_AGG_OF_LOSS_TYPE)}"
+            f"use one of {sorted(_AGG_OF_LOSS_TYPE)} (TRL's default is 'dapo')"
         )
 
 
@@ -171,6 +181,20 @@ def loss_config_from_grpo_args(args: GRPOConfig) -> LossConfig:
         )
 
     clip_c = _rpg_option(args, "rpg_clip_c", None)
+    if args.delta is not None:  # TRL's two-sided clip is the dual clip with c = delta
+        if algo in RPG_ALGOS or algo == "cispo":
+            raise ValueError(
+                f"delta: TRL's two-sided clipping applies to its PPO-style losses, not to {algo!r} (TRL's "
+                "default is None); for the RPG algos set rpg_clip_c instead"
+            )
+        if not args.delta > 1.0 + eps_high:
+            raise ValueError(
+                f"delta: it must exceed 1 + epsilon_high = {1.0 + eps_high} for TRL's two-sided clip to be "
+                f"the dual clip, got {args.delta} (TRL's default is None)"
+            )
+        if clip_c is not None:
+            raise ValueError("delta and rpg_clip_c: both set the dual-clip bound; give one")
+        clip_c = float(args.delta)
     overrides: dict[str, Any] = dict(
         beta=args.beta,
         eps_low=eps_low,
@@ -282,18 +306,21 @@ class RPGGRPOTrainer(GRPOTrainer):
             weight, bias = lm_head_params(causal_lm)
             hidden, weight, bias, head_context = self._head_context(hidden, weight, bias)
             backend = self._backend_for(hidden.device)
-            old = old_logprobs
             with head_context:
-                if old is None:  # on-policy step: TRL skips the old-policy pass, the ratio is exactly 1
+                current = None  # the policy's own detached log-probs and entropies, when a mask needs them
+                if old_logprobs is None or self._needs_current_policy():
                     with torch.no_grad():
-                        old = rk.fused_linear_logprobs(
+                        current = rk.fused_linear_logprobs(
                             hidden,
                             weight,
                             completion_ids,
                             bias=bias,
                             temperature=self.temperature,
+                            return_entropy=True,
                             backend=backend,
                         )
+                # on-policy step: TRL skips the old-policy pass, the ratio is exactly 1
+                old = current[0] if old_logprobs is None else old_logprobs
                 return rk.fused_linear_rpg_loss(
                     hidden,
                     weight,
@@ -307,6 +334,7 @@ class RPGGRPOTrainer(GRPOTrainer):
                     bias=bias,
                     entropy_coef=entropy_coef,
                     num_items=num_items,
+                    rollout_weights=self._policy_term_weights(inputs, mask, old, current),
                     backend=backend,
                 )
 
@@ -314,6 +342,34 @@ class RPGGRPOTrainer(GRPOTrainer):
             loss, metrics = run_inside_forward(model, fused_loss)
         self._log_rpg_metrics(metrics, mode)
         return loss
+
+    def _needs_current_policy(self) -> bool:
+        return self.off_policy_mask_threshold is not None or self.top_entropy_quantile < 1.0
+
+    def _policy_term_weights(
+        self, inputs: dict[str, Any], mask: Tensor, old: Tensor, current: tuple[Tensor, Tensor] | None
+    ) -> Tensor | None:
+        """The constant per-token weights TRL multiplies its policy term by (docs/MATH.md §9), in TRL's order:
+        the off-policy sequence mask, the high-entropy mask, and the vLLM importance-sampling ratio (TRL's
+        own ``importance_sampling_ratio``, any of its four modes). ``None`` when none is on."""
+        weights = None
+        if self.off_policy_mask_threshold is not None:
+            advantages = inputs["advantages"]
+            advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+            weights = GRPOTrainer.get_off_policy_mask(
+                advantages=advantages,
+                per_token_logps=current[0],
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old),
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
+            ).float()
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(current[1], mask, 1 - self.top_entropy_quantile).float()
+            weights = entropy_mask if weights is None else weights * entropy_mask
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"]
+            weights = ratio if weights is None else weights * ratio
+        return weights
 
     def _log_rpg_metrics(self, metrics: dict[str, Tensor], mode: str) -> None:
         """Average over processes (``ratio_max``: max, ``num_tokens``: sum) into TRL's metric buffers."""

@@ -25,6 +25,11 @@ Options read from ``config`` (verl's ``ActorConfig``, a ``DictConfig`` or a plai
 
 The KL reference is RPG's iterative one: the old (sampling) policy, so no reference model is needed.
 
+Rollout importance sampling: when verl's ``algorithm.rollout_correction`` computes ``rollout_is_weights``
+(verl hands them to every registered policy loss as a keyword, ``None`` when off), they are the
+``rollout_weights`` of docs/MATH.md §9: for these RPG losses they multiply the whole per-token loss (its KL
+term is an expectation under the sampler too); verl's own losses weight their policy term.
+
 Fused log-probs: with ``actor_rollout_ref.model.use_fused_kernels=True`` and
 ``actor_rollout_ref.model.fused_kernel_options.impl_backend=triton`` verl replaces the model's forward by
 one that returns ``log_probs`` and ``entropy`` from the hidden states. `use_rpg_fused_forward_in_verl` (or the
@@ -162,15 +167,16 @@ def _policy_loss(
     config: Any = None,
     rollout_is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    if rollout_is_weights is not None:
-        raise ValueError(
-            "rollout_is_weights: rollout importance-sampling correction is not supported by the RPG losses; "
-            "switch off policy_loss.rollout_correction"
-        )
     agg, num_items = verl_aggregation(loss_agg_mode, response_mask, _lookup(config, "global_batch_info"))
     loss_config = loss_config_from_verl(algo, config, **overrides).replace(agg=agg)
     loss, metrics = rpg_loss(
-        log_prob, old_log_prob, advantages, response_mask, config=loss_config, num_items=num_items
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        config=loss_config,
+        num_items=num_items,
+        rollout_weights=rollout_is_weights,
     )
     with torch.no_grad():
         mask = (response_mask != 0).to(torch.float32)

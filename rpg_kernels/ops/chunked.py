@@ -22,6 +22,7 @@ from the same block (6 N H V flops instead of 8).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +33,9 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 MIN_TOKENS_PER_CHUNK = 64
 # The single pass's largest block (64 MiB in fp32): vocabularies up to 262144 (Qwen, Llama 3, Gemma 3).
 SINGLE_PASS_MAX_ELEMENTS = 1 << 24
+# Its default block (16 MiB in fp32: 128 rows of a 32k vocabulary) for the rank-C dW updates, while the
+# elementwise passes run on cache-sized sub-blocks (ROW_GROUP_ELEMENTS).
+SINGLE_PASS_BLOCK_ELEMENTS = 1 << 22
 
 # (positions of this token chunk, logprob [n], entropy [n]) -> (g_l [n], g_H [n] | None)
 TokenGrads = Callable[[slice | Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]
@@ -281,15 +285,18 @@ def chunked_forward_backward(
     keep: Tensor,
     token_grads: TokenGrads,
     need: tuple[bool, bool, bool] = (True, True, True),
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int = SINGLE_PASS_BLOCK_ELEMENTS,
 ) -> HeadGrads:
-    """One pass: ``(dh, dW, db)``; each chunk's logits are computed once.
+    """One pass: ``(dh, dW, db)``; each block's logits are computed once.
 
     ``keep [N]``: the tokens of the loss (the others get no log-prob and no gradient).
-    ``token_grads(tokens, logprob, entropy)`` receives each chunk's positions (a slice or an index tensor
+    ``token_grads(tokens, logprob, entropy)`` receives each block's positions (a slice or an index tensor
     into the ``N`` tokens) and log-probs / entropies, and returns their upstream grads
-    ``(g_l, g_H | None)``; it may not depend on other chunks. Needs `single_pass_fits`; blocks of
-    `single_pass_token_chunk` tokens.
+    ``(g_l, g_H | None)``; it may not depend on other blocks. Needs `single_pass_fits`; blocks of
+    `single_pass_token_chunk` tokens (whole vocabulary rows, up to ``chunk_elements`` logits).
+
+    A block's elementwise work runs on sub-blocks of about `ROW_GROUP_ELEMENTS` logits, which stay in
+    cache between their passes, while the GEMMs see the whole block (a large ``K`` for ``dW``).
     """
     if not single_pass_fits(head.vocab):
         raise ValueError(
@@ -299,14 +306,79 @@ def chunked_forward_backward(
     run = _Head(head, keep, chunk_elements, whole_rows=True)
     acc, all_cols = run.acc, slice(0, run.vocab)
     out = _GradAccumulator(head, acc, need)
+    group = max(1, ROW_GROUP_ELEMENTS // run.vocab)
+    scratch = torch.empty((min(group, run.token_chunk), run.vocab), dtype=acc, device=head.hidden.device)
     for tokens, h, y in run.token_chunks():
-        log_p = run.logits(h, all_cols)
-        target_logit = _target_logits(log_p, y, 0)
-        p, lse = _log_softmax_(log_p)
-        logprob = target_logit - lse
-        entropy = _entropy(p, log_p)
-        g_l, g_h = token_grads(tokens, logprob, entropy)
-        g_h = g_h.to(acc) if g_h is not None else None
-        dz = _logit_grads_(p, log_p, y, 0, g_l.to(acc), g_h, entropy, run.inv_t)
-        out.add(dz, h, run.weight, tokens, all_cols)
+        z = run.logits(h, all_cols)
+        stats = _row_statistics_(z, y, scratch, group)
+        g_l, g_h = token_grads(tokens, stats.logprob, stats.entropy)
+        _logit_grads_from_stats_(
+            z, y, stats, g_l.to(acc), None if g_h is None else g_h.to(acc), run.inv_t, scratch, group
+        )
+        out.add(z, h, run.weight, tokens, all_cols)
     return out.result()
+
+
+ROW_GROUP_ELEMENTS = 1 << 19  # 2 MiB of fp32 logits: a sub-block's passes stay in cache
+
+
+@dataclass
+class _RowStats:
+    """Per-row statistics of a block, ``[n]``: ``log_sum`` is ``log sum exp(z - max)``."""
+
+    logprob: Tensor
+    entropy: Tensor
+    log_sum: Tensor
+
+
+def _row_statistics_(z: Tensor, y: Tensor, scratch: Tensor, group: int) -> _RowStats:
+    """Log-prob and entropy of each row of ``z [n, V]``, sub-block by sub-block; ``z`` becomes
+    ``z - max`` per row (in place)."""
+    n = z.shape[0]
+    logprob, entropy, log_sum = (torch.empty(n, dtype=z.dtype, device=z.device) for _ in range(3))
+    target = z.gather(1, y[:, None])[:, 0]
+    for r0 in range(0, n, group):
+        rows = slice(r0, r0 + group)
+        zr = z[rows]
+        row_max = zr.amax(dim=1, keepdim=True)
+        zr.sub_(row_max)
+        e = torch.exp(zr, out=scratch[: zr.shape[0]])
+        s = e.sum(dim=1)
+        t = torch.bmm(e[:, None, :], zr[:, :, None])[:, 0, 0]  # sum e * (z - max), no [n, V] temporary
+        ls = s.log()
+        log_sum[rows] = ls
+        logprob[rows] = target[rows] - row_max[:, 0] - ls
+        entropy[rows] = ls - t / s
+    return _RowStats(logprob, entropy, log_sum)
+
+
+def _logit_grads_from_stats_(
+    z: Tensor,
+    y: Tensor,
+    stats: _RowStats,
+    g_l: Tensor,
+    g_h: Tensor | None,
+    inv_t: float,
+    scratch: Tensor,
+    group: int,
+) -> None:
+    """Overwrite ``z`` (holding ``z - max``) with ``dz / T``, sub-block by sub-block.
+
+    With ``p = e / s``, ``e = exp(z - max)``, ``log p = (z - max) - log s``::
+
+        dz = g_l onehot - p (g_l + g_H (log p + H)) = g_l onehot - e (a + b (z - max))
+        a  = (g_l + g_H (H - log s)) / s,   b = g_H / s
+    """
+    inv_s = torch.exp(-stats.log_sum)
+    a = g_l * inv_s if g_h is None else (g_l + g_h * (stats.entropy - stats.log_sum)) * inv_s
+    a = a * -inv_t
+    b = None if g_h is None else g_h * inv_s * -inv_t
+    for r0 in range(0, z.shape[0], group):
+        rows = slice(r0, r0 + group)
+        zr = z[rows]
+        e = torch.exp(zr, out=scratch[: zr.shape[0]])
+        if b is None:
+            torch.mul(e, a[rows, None], out=zr)
+        else:
+            zr.mul_(b[rows, None]).add_(a[rows, None]).mul_(e)
+    z[torch.arange(z.shape[0], device=z.device), y] += g_l * inv_t

