@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from rpg_kernels.ops.linear_logprobs_forward import fp32_bias, logits_tile, n_bucket
-from rpg_kernels.ops.lm_head import HeadGrads, LMHead, UpstreamGrads
+from rpg_kernels.ops.lm_head import HeadGrads, LMHead, UpstreamGrads, fp16_scale
 from rpg_kernels.ops.tile_configs import launch
 
 
@@ -354,21 +354,14 @@ def aot_variants(dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")):
                 yield family, kernel, types, {"HAS_ENTROPY_GRAD": has_entropy_grad}
 
 
-FP16_TARGET = 2.0**14  # the largest |dz| after scaling: headroom below fp16's 65504
-
-
-def fp16_dz_scale(
-    grads: UpstreamGrads, entropy: torch.Tensor | None, valid: torch.Tensor, vocab: int, temperature: float
-) -> float:
-    """A power of two with ``scale * max|dz| <= FP16_TARGET``, from the bound
-    ``|dz| <= (|g_l| + |g_H| (1 + log V)) / T`` (``p |log p + H| <= 1/e + H <= 1 + log V``). One host sync."""
+def fp16_dz_scale(grads: UpstreamGrads, valid: torch.Tensor, vocab: int, temperature: float) -> float:
+    """The fp16 scale from the bound ``|dz| <= (|g_l| + |g_H| (1 + log V)) / T`` (``p |log p + H| <= 1/e + H
+    <= 1 + log V``) over the tokens with a target. One host sync."""
     bound = grads.logprob.float().abs()
     if grads.entropy is not None:
         bound = bound + grads.entropy.float().abs() * (1.0 + math.log(vocab))
     peak = float(torch.where(valid, bound, 0.0).amax()) / temperature if bound.numel() else 0.0
-    if not math.isfinite(peak) or peak == 0.0:
-        return 1.0
-    return 2.0 ** max(-120, min(120, math.floor(math.log2(FP16_TARGET / peak))))
+    return fp16_scale(peak)
 
 
 def linear_logprobs_backward(
@@ -403,7 +396,7 @@ def linear_logprobs_backward(
         f32(grads.entropy) if has_entropy_grad else lse32,
     )
     fp16 = hidden.dtype == torch.float16
-    scale = fp16_dz_scale(grads, entropy, valid, vocab, head.temperature) if fp16 else 1.0
+    scale = fp16_dz_scale(grads, valid, vocab, head.temperature) if fp16 else 1.0
     scalars = (n_bucket(n_tokens), 1.0 / head.temperature, scale)
     common = dict(device=device, dtype=hidden.dtype, HAS_ENTROPY_GRAD=has_entropy_grad)
     sizes = (n_tokens, vocab, hidden_size, hidden.stride(0), weight.stride(0))

@@ -7,6 +7,7 @@ the log-probs and entropies, `HeadGrads` what comes back, `HeadOptions` every no
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30  # the single pass's [C, V] logits chunk + its dz, at most 1 GiB
+FP16_DZ_TARGET = 2.0**14  # the largest |dz| after the fp16 scaling: headroom below fp16's 65504
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,14 @@ class HeadOptions:
     deterministic: bool = True
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     need: tuple[bool, bool, bool] = (True, True, True)
+
+
+def fp16_scale(peak: float) -> float:
+    """A power of two taking ``peak`` (a bound on ``max |dz|``) to about `FP16_DZ_TARGET`: fp16's ``dz``
+    then stays out of the subnormal range, and unscaling in the fp32 GEMM results is exact."""
+    if not math.isfinite(peak) or peak <= 0.0:
+        return 1.0
+    return 2.0 ** max(-120, min(120, math.floor(math.log2(FP16_DZ_TARGET / peak))))
 
 
 _WARNED_FALLBACK = False

@@ -17,16 +17,22 @@ smallest subnormal otherwise) and unscaled inside the GEMMs; they are kept in fp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from rpg_kernels.ops.lm_head import HeadGrads, HeadOptions, LMHead, UpstreamGrads, addmm_fp32_, mm_fp32
+from rpg_kernels.config import LossConfig
+from rpg_kernels.ops.lm_head import (
+    HeadGrads,
+    HeadOptions,
+    LMHead,
+    UpstreamGrads,
+    addmm_fp32_,
+    fp16_scale,
+    mm_fp32,
+)
 from rpg_kernels.ops.logit_rows import MODE_GRADS, MODE_LOSS, MODE_STATS, launch_logit_rows
-
-FP16_TARGET = 2.0**14  # the largest |dz| after scaling: headroom below fp16's 65504
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class TokenLossProblem:
     weight: Tensor
     rollout_weight: Tensor | None
     keep: Tensor
-    config: object
+    config: LossConfig
     entropy_coef: float
 
 
@@ -65,14 +71,6 @@ def chunk_rows(n_rows: int, vocab: int, operand_dtype: torch.dtype, workspace_by
     return max(1, min(n_rows, int(workspace_bytes) // per_row))
 
 
-def _fp16_scale(dz32: Tensor) -> float:
-    """A power of two bringing ``max |dz|`` to about `FP16_TARGET` (one host sync per chunk, fp16 only)."""
-    peak = float(dz32.abs().amax()) if dz32.numel() else 0.0
-    if not math.isfinite(peak) or peak == 0.0:
-        return 1.0
-    return 2.0 ** max(-120, min(120, math.floor(math.log2(FP16_TARGET / peak))))
-
-
 class _Chunks:
     """The gathered rows, the chunk buffers and the fp32 gradient accumulators of one call."""
 
@@ -82,9 +80,10 @@ class _Chunks:
         self.all_rows = self.n == head.n_tokens  # then chunks are slices: no gather, no scatter
         dtype, device = head.hidden.dtype, head.hidden.device
         self.dtype = dtype
-        self.chunk = chunk_rows(self.n, head.vocab, dtype, options.workspace_bytes) if with_grads else 0
-        if not with_grads:  # statistics only: no dz, so the whole budget goes to the fp32 chunk
-            self.chunk = max(1, min(self.n, options.workspace_bytes // (4 * head.vocab)))
+        # statistics only: no dz, so the whole budget goes to the fp32 chunk
+        self.chunk = chunk_rows(
+            self.n, head.vocab, dtype if with_grads else torch.float32, options.workspace_bytes
+        )
         self.z = torch.empty((self.chunk, head.vocab), dtype=torch.float32, device=device)
         self.dz = None
         if with_grads and dtype != torch.float32:
@@ -117,8 +116,8 @@ class _Chunks:
     def add(self, tokens: slice | Tensor, h_c: Tensor, z: Tensor) -> None:
         """Accumulate the chunk's ``dh``, ``dW``, ``db`` from the ``dz`` the row kernel just wrote."""
         scale = 1.0
-        if self.fp16:
-            scale = _fp16_scale(z)
+        if self.fp16:  # one host sync per chunk, fp16 only
+            scale = fp16_scale(float(z.abs().amax()) if z.numel() else 0.0)
             dz = self.dz[: z.shape[0]]
             dz.copy_(z.mul_(scale))
         else:
