@@ -36,3 +36,12 @@ def crash(task, problem):
         os._exit(7)
 
     return step
+
+
+def interrupt(task, problem):
+    """A step interrupted as a time limit's SIGINT would interrupt it."""
+
+    def step():
+        raise KeyboardInterrupt
+
+    return step
