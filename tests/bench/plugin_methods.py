@@ -45,3 +45,13 @@ def interrupt(task, problem):
         raise KeyboardInterrupt
 
     return step
+
+
+def regrad(task, problem):
+    """A step that only replaces the weight's gradient (the memory a real loss step's gradients take)."""
+
+    def step():
+        problem.zero_grad()
+        problem.weight.grad = torch.ones_like(problem.weight)
+
+    return step

@@ -141,6 +141,15 @@ def test_fresh_subprocess_memory_detects_a_big_allocation_and_a_crash():
     assert crashed.status == "error" and "exited with 7" in crashed.reason
 
 
+def test_gradients_count_in_the_peak_although_the_warm_up_left_some():
+    """After the warm-up the inputs hold gradients; the measured steps replace them. Those must count."""
+    spec = CaseSpec(plugin("regrad"), "loss", Shape("custom", 64, 1024, 4096), "float32", "cpu", warmup=1)
+    result = run_case_isolated(spec, timeout_s=120)
+    grad_bytes = 4096 * 1024 * 4
+    assert result.status == "ok", result.reason
+    assert 0.9 * grad_bytes <= result.peak_mem_bytes < 1.5 * grad_bytes
+
+
 def test_cli_writes_json_markdown_and_plots_and_survives_failures(tmp_path):
     main(
         [
