@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
+import os
 import platform
 import re
 import subprocess
@@ -146,6 +147,8 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """The checkout's short commit (``+dirty`` with uncommitted library or bench changes); where there is
+    no git repository (a copy of the tree on a lent machine), ``$RPG_GIT_COMMIT`` or ``unknown``."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -159,7 +162,7 @@ def git_commit() -> str:
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("RPG_GIT_COMMIT", "unknown")
 
 
 def run(args: argparse.Namespace) -> Path:
