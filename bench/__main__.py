@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
+import os
 import platform
 import re
 import subprocess
@@ -18,7 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm as progress_bar
+except ImportError:  # a bare machine: a line per case instead of a bar, the same results
+    progress_bar = None
 
 from bench import results_root
 from bench.measure import CaseSpec, run_case, run_case_isolated
@@ -36,10 +41,30 @@ from bench.suites import (
     find_max_tokens,
     long_context_row,
     result_row,
+    suite_methods,
 )
 
 SUITE_ORDER = ("loss", "logprobs", "matmul", "long-context")
 PACKAGES = ("torch", "triton", "numpy", "liger_kernel", "cut_cross_entropy", "rpg-kernels")
+
+
+class LineProgress:
+    """What the run uses of a tqdm bar, as one printed line per case (where tqdm is not installed)."""
+
+    def __init__(self, total: int, **_: object) -> None:
+        self.total, self.done = total, 0
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set_postfix_str(self, text: str) -> None:
+        print(f"bench [{self.done + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        self.done += 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,6 +147,8 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """The checkout's short commit (``+dirty`` with uncommitted library or bench changes); where there is
+    no git repository (a copy of the tree on a lent machine), ``$RPG_GIT_COMMIT`` or ``unknown``."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -135,7 +162,7 @@ def git_commit() -> str:
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("RPG_GIT_COMMIT", "unknown")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -185,7 +212,7 @@ def run(args: argparse.Namespace) -> Path:
     total = sum(
         len(cases(s, sh, m, dtype, device, args.warmup, repeats))
         if s.name != "long-context"
-        else len(sh) * len([x for x in m if x in s.methods or x not in METHODS])
+        else len(sh) * len(suite_methods(s, m))
         for s, sh, m in plan
     )
 
@@ -194,19 +221,26 @@ def run(args: argparse.Namespace) -> Path:
         add_matmul_ratios(rows)
         write_json(out_dir / "results.json", meta, rows)
 
-    with tqdm(total=total, desc="bench", unit="case", dynamic_ncols=True) as bar:
-        for suite, shapes, methods in plan:
-            if suite.name == "long-context":
-                _long_context(args, suite, shapes, methods, dtype, device, runner, bar, save)
-                continue
-            for method, spec in cases(suite, shapes, methods, dtype, device, args.warmup, repeats):
-                bar.set_postfix_str(f"{suite.name} {method} N={spec.shape.n}")
-                save(result_row(suite, method, spec, runner(spec)))
-                bar.update()
+    try:
+        bar_type = progress_bar if progress_bar is not None else LineProgress
+        with bar_type(total=total, desc="bench", unit="case", dynamic_ncols=True) as bar:
+            for suite, shapes, methods in plan:
+                if suite.name == "long-context":
+                    _long_context(args, suite, shapes, methods, dtype, device, runner, bar, save)
+                    continue
+                for method, spec in cases(suite, shapes, methods, dtype, device, args.warmup, repeats):
+                    bar.set_postfix_str(f"{suite.name} {method} N={spec.shape.n}")
+                    save(result_row(suite, method, spec, runner(spec)))
+                    bar.update()
+    finally:  # an interrupted run (Ctrl-C, a time limit's SIGINT) still gets its tables and plots
+        write_report(out_dir, meta, rows)
+    return out_dir
 
+
+def write_report(out_dir: Path, meta: dict, rows: list[dict]) -> None:
+    """results.md and the PNG plots of ``rows`` (the plots only where matplotlib is installed)."""
     plots = plot_suites(out_dir, rows)
     write_markdown(out_dir / "results.md", meta, rows, plots)
-    return out_dir
 
 
 def _long_context(
@@ -217,12 +251,12 @@ def _long_context(
     dtype: str,
     device: str,
     runner: RunCase,
-    bar: tqdm,
+    bar: LineProgress,
     save: Callable[[dict], None],
 ) -> None:
     budget = int((args.budget_gib if args.budget_gib is not None else _default_budget_gib(device)) * GIB)
     n_max = args.max_tokens or (2**20 if device == "cuda" else 16384)
-    chosen = [m for m in methods if m in suite.methods or m not in METHODS]
+    chosen = suite_methods(suite, methods)
     for shape in shapes:
         for method in chosen:
 

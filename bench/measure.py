@@ -149,7 +149,8 @@ class _Watchdog(threading.Thread):
 # --- one case -----------------------------------------------------------------------------------
 
 
-def _timer(device: str) -> Callable[[Callable[[], None]], float]:
+def step_timer(device: str) -> Callable[[Callable[[], None]], float]:
+    """``timed(step) -> ms``: CUDA events around the step on GPU (then a sync), ``perf_counter`` on CPU."""
     import torch
 
     if device == "cuda":
@@ -190,9 +191,10 @@ def run_case(
         fn = method if method is not None else resolve_method(spec.method)
         problem = make_problem(spec.shape, spec.dtype, spec.device, spec.task, seed=spec.seed)
         step = fn(spec.task, problem)
-        timed = _timer(spec.device)
+        timed = step_timer(spec.device)
         for _ in range(spec.warmup):
             step()
+        problem.zero_grad()  # the baseline holds the inputs only: the gradients count in the peak
         gc.collect()
         meter = CudaMemoryMeter() if spec.device == "cuda" else CpuMemoryMeter()
         meter.start()

@@ -44,7 +44,7 @@ class Problem:
     """Inputs of one benchmark case, allocated before measuring (they are not counted as peak memory).
 
     hidden [B, T, H] and weight [V, H] (``dtype``, requires grad for the loss task); targets [B, T]
-    int64; old/ref log-probs [B, T] fp32; advantages [B] fp32; mask [B, T] fp32.
+    int64; old/ref log-probs [B, T] fp32; advantages [B] fp32; mask [B, T] fp32; ``bias`` [V] or None.
     """
 
     shape: Shape
@@ -55,6 +55,7 @@ class Problem:
     ref_logprobs: torch.Tensor
     advantages: torch.Tensor
     mask: torch.Tensor
+    bias: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -67,30 +68,41 @@ class Problem:
     def zero_grad(self) -> None:
         self.hidden.grad = None
         self.weight.grad = None
+        if self.bias is not None:
+            self.bias.grad = None
 
 
-def make_problem(shape: Shape, dtype: str, device: str, task: str, seed: int = 0) -> Problem:
-    """Random inputs with realistic magnitudes: logits ~ N(0, 1), ratios exp(l - l_old) near 1."""
+def make_problem(
+    shape: Shape, dtype: str, device: str, task: str, seed: int = 0, bias: bool = False
+) -> Problem:
+    """Random inputs with realistic magnitudes: logits ~ N(0, 1), ratios exp(l - l_old) near 1.
+
+    Drawn on ``device`` by a ``torch.Generator`` of that device (deterministic per seed and device;
+    a CUDA run never draws its hundreds of millions of numbers on the CPU). ``bias``: an LM-head bias
+    ``[V]`` ~ N(0, 0.5^2) too (the benchmark's methods take none; `bench.phases` can time one).
+    """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     b, t = shape.layout()
     torch_dtype = getattr(torch, dtype)
     grad = task == "loss"
 
-    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=torch_dtype)
+    def randn(*size: int, scale: float = 1.0, to: torch.dtype = torch_dtype) -> torch.Tensor:
+        # fp32 draws scaled then rounded once, whatever the input dtype
+        return (torch.randn(*size, generator=gen, device=device) * scale).to(to)
 
     hidden = randn(b, t, shape.h).requires_grad_(grad)
     weight = randn(shape.v, shape.h, scale=shape.h**-0.5).requires_grad_(grad)
-    targets = torch.randint(0, shape.v, (b, t), generator=gen).to(device)
+    targets = torch.randint(0, shape.v, (b, t), generator=gen, device=device)
     # log-probs of N(0, 1) logits are about -log V - 1/2; perturb them so that ratios vary
     typical = -math.log(shape.v) - 0.5
-    old = (typical + 0.1 * torch.randn(b, t, generator=gen)).to(device)
-    ref = (typical + 0.1 * torch.randn(b, t, generator=gen)).to(device)
-    advantages = torch.randn(b, generator=gen).to(device)
-    mask = (torch.rand(b, t, generator=gen) < 0.9).float().to(device)
-    return Problem(shape, hidden, weight, targets, old, ref, advantages, mask)
+    old = typical + randn(b, t, scale=0.1, to=torch.float32)
+    ref = typical + randn(b, t, scale=0.1, to=torch.float32)
+    advantages = randn(b, to=torch.float32)
+    mask = (torch.rand(b, t, generator=gen, device=device) < 0.9).float()
+    head_bias = randn(shape.v, scale=0.5).requires_grad_(grad) if bias else None
+    return Problem(shape, hidden, weight, targets, old, ref, advantages, mask, head_bias)
 
 
 # --- the loss every PyTorch-side method puts on top of its log-probs ------------------------------
@@ -267,19 +279,24 @@ def cce(task: str, p: Problem) -> Step:
 
 
 def ours(task: str, p: Problem) -> Step:
-    """rpg_kernels.fused_linear_rpg_loss / fused_linear_logprobs (Triton on GPU, chunked PyTorch on CPU)."""
-    return _rpg_kernels(task, p, "triton" if p.on_cuda else "torch")
+    """rpg_kernels.fused_linear_rpg_loss / fused_linear_logprobs with their defaults (``backend`` and
+    ``method`` "auto"): on CUDA the single pass (cuBLAS chunk GEMMs + one Triton row kernel), on CPU the
+    chunked PyTorch path."""
+    return rpg_kernels_step(task, p)
 
 
-def ours_chunked(task: str, p: Problem) -> Step:
-    """Our chunked PyTorch path on the GPU (cuBLAS matmuls per token chunk, a single pass for the loss):
-    the alternative to the Triton kernels that ``backend="torch"`` selects."""
+def ours_fused(task: str, p: Problem) -> Step:
+    """The same functions with ``backend="triton", method="fused"``: the fused Triton kernels, which
+    hold no ``[C, V]`` logits chunk at all (the least memory; the logits are recomputed in the backward)."""
     if not p.on_cuda:
-        raise Skip("on CPU `ours` is this chunked path")
-    return _rpg_kernels(task, p, "torch")
+        raise Skip("the fused Triton kernels need CUDA (on CPU only the Triton interpreter runs them)")
+    return rpg_kernels_step(task, p, backend="triton", method="fused")
 
 
-def _rpg_kernels(task: str, p: Problem, backend: str) -> Step:
+def rpg_kernels_step(task: str, p: Problem, **options: object) -> Step:
+    """A step of ``rpg_kernels.fused_linear_rpg_loss`` (loss task, paper-default RPG config, ``p.bias``)
+    or ``fused_linear_logprobs`` (logprobs task), ``options`` (backend, method, deterministic, ...)
+    passed through."""
     try:
         import rpg_kernels as rk
 
@@ -287,11 +304,13 @@ def _rpg_kernels(task: str, p: Problem, backend: str) -> Step:
     except (ImportError, AttributeError) as err:
         raise Skip(f"rpg_kernels fused API not available ({err})") from err
     fn = fused_loss if task == "loss" else fused_logprobs
-    kwargs = {}
-    if "backend" in inspect.signature(fn).parameters:
-        kwargs["backend"] = backend
+    unknown = sorted(set(options) - set(inspect.signature(fn).parameters))
+    if unknown:
+        raise Skip(f"this rpg_kernels has no {', '.join(unknown)} option")
+    if p.bias is not None:
+        options = {**options, "bias": p.bias}
     if task == "logprobs":
-        return _no_grad_step(lambda: fn(p.hidden, p.weight, p.targets, **kwargs))
+        return _no_grad_step(lambda: fn(p.hidden, p.weight, p.targets, **options))
     config = loss_config()
 
     def step() -> None:
@@ -305,7 +324,7 @@ def _rpg_kernels(task: str, p: Problem, backend: str) -> Step:
             p.mask,
             ref_logprobs=p.ref_logprobs,
             config=config,
-            **kwargs,
+            **options,
         )
         loss.backward()
 
@@ -317,7 +336,9 @@ def matmul(task: str, p: Problem) -> Step:
     upstream gradient): the floor every fused method is compared with."""
     if task == "logprobs":
         return _no_grad_step(lambda: p.hidden @ p.weight.T)
-    grad_logits = torch.randn(*p.hidden.shape[:-1], p.shape.v, dtype=p.hidden.dtype, device=p.device)
+    gen = torch.Generator(device=p.device).manual_seed(1)
+    size = (*p.hidden.shape[:-1], p.shape.v)
+    grad_logits = torch.randn(size, generator=gen, dtype=p.hidden.dtype, device=p.device)
 
     def step() -> None:
         p.zero_grad()
@@ -326,16 +347,25 @@ def matmul(task: str, p: Problem) -> Step:
     return step
 
 
+# Registration order is run order: ``ours`` and the bare ``matmul`` (the floor) first in every suite,
+# so that a run cut short still has the two numbers every other row is read against.
 METHODS: dict[str, Method] = {
+    "ours": ours,
+    "matmul": matmul,
+    "ours-fused": ours_fused,
     "naive": naive,
     "torch-compile": torch_compile,
     "liger-chunked": liger_chunked,
     "liger-triton": liger_triton,
     "cce": cce,
-    "ours": ours,
-    "ours-chunked": ours_chunked,
-    "matmul": matmul,
 }
+FIRST = ("ours", "matmul")
+
+
+def run_order(methods: list[str]) -> list[str]:
+    """``methods`` with ``ours`` and ``matmul`` moved to the front (the rest keep their order)."""
+    first = [m for m in FIRST if m in methods]
+    return first + [m for m in methods if m not in FIRST]
 
 
 def method_note(name: str, device: str) -> str:
@@ -346,6 +376,8 @@ def method_note(name: str, device: str) -> str:
         return "Liger's GRPO loss (k3 KL), not RPG"
     if name == "liger-triton":
         return "Liger's GRPO loss on materialised logits"
+    if name == "ours-fused":
+        return "fused Triton kernels, no [C, V] workspace"
     return ""
 
 

@@ -1,4 +1,7 @@
-"""Write a run's results: ``results.json``, ``results.md`` (tables) and PNG plots."""
+"""Write a run's results: ``results.json``, ``results.md`` (tables) and PNG plots.
+
+python -m bench.report DIR     # redraw DIR/results.md and its plots from DIR/results.json
+"""
 
 from __future__ import annotations
 
@@ -87,8 +90,11 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], plots: list[str]) -
 def plot_suites(out_dir: Path, rows: list[dict]) -> list[str]:
     """One PNG per (timed suite, head preset): time vs N and peak memory vs N, one line per method;
     one bar chart for the long-context suite. Returns the file names."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots (`python -m bench.report DIR` draws them later)")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -144,3 +150,25 @@ def plot_suites(out_dir: Path, rows: list[dict]) -> list[str]:
         plt.close(fig)
         names.append("long-context.png")
     return names
+
+
+def render(folder: Path) -> list[str]:
+    """Rewrite ``folder/results.md`` and its plots from ``folder/results.json``; return the plot names."""
+    data = json.loads((folder / "results.json").read_text())
+    plots = plot_suites(folder, data["rows"])
+    write_markdown(folder / "results.md", data["meta"], data["rows"], plots)
+    return plots
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=render.__doc__)
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders holding a results.json")
+    for folder in parser.parse_args(argv).folders:
+        plots = render(folder)
+        print(f"{folder}: results.md, {', '.join(plots) or 'no plots'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.measure import CaseResult, CaseSpec
-from bench.methods import METHODS, method_note
+from bench.methods import METHODS, method_note, run_order
 from bench.shapes import CPU_TARGET, CPU_TOKENS, GPU_PRESETS, GPU_TOKENS, Shape, preset_shape
 
 GIB = 2**30
@@ -112,13 +112,19 @@ def add_matmul_ratios(rows: list[dict]) -> None:
 def cases(
     suite: Suite, shapes: list[Shape], methods: list[str], dtype: str, device: str, warmup: int, repeats: int
 ) -> list[tuple[str, CaseSpec]]:
-    """The (method, spec) pairs of a timed suite, shape by shape so a partial run has whole shapes."""
-    chosen = [m for m in methods if m in suite.methods or m not in METHODS]
+    """The (method, spec) pairs of a timed suite, shape by shape so a partial run has whole shapes;
+    within a shape ``ours`` and ``matmul`` first (`bench.methods.run_order`)."""
+    chosen = suite_methods(suite, methods)
     return [
         (m, CaseSpec(m, suite.task, shape, dtype, device, warmup=warmup, repeats=repeats))
         for shape in shapes
         for m in chosen
     ]
+
+
+def suite_methods(suite: Suite, methods: list[str]) -> list[str]:
+    """The methods of ``methods`` that ``suite`` runs (plugins always), in run order."""
+    return run_order([m for m in methods if m in suite.methods or m not in METHODS])
 
 
 # --- long context --------------------------------------------------------------------------------

@@ -36,3 +36,22 @@ def crash(task, problem):
         os._exit(7)
 
     return step
+
+
+def interrupt(task, problem):
+    """A step interrupted as a time limit's SIGINT would interrupt it."""
+
+    def step():
+        raise KeyboardInterrupt
+
+    return step
+
+
+def regrad(task, problem):
+    """A step that only replaces the weight's gradient (the memory a real loss step's gradients take)."""
+
+    def step():
+        problem.zero_grad()
+        problem.weight.grad = torch.ones_like(problem.weight)
+
+    return step

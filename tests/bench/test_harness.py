@@ -124,8 +124,8 @@ def test_run_case_reports_errors_and_skips_in_process():
     ok = run_case(micro_spec("naive", warmup=0, repeats=3))
     assert ok.status == "ok", ok.reason
     assert len(ok.times_ms) == 3 and all(t > 0 for t in ok.times_ms) and ok.peak_mem_bytes >= 0
-    on_cpu = run_case(micro_spec("ours-chunked"))  # on CPU, `ours` already is the chunked path
-    assert (on_cpu.status, on_cpu.reason) == ("skipped", "on CPU `ours` is this chunked path")
+    on_cpu = run_case(micro_spec("ours-fused"))
+    assert on_cpu.status == "skipped" and "need CUDA" in on_cpu.reason
 
 
 def test_fresh_subprocess_memory_detects_a_big_allocation_and_a_crash():
@@ -139,6 +139,15 @@ def test_fresh_subprocess_memory_detects_a_big_allocation_and_a_crash():
     assert limited.status == "error" and limited.over_limit and "over memory limit" in limited.reason
     crashed = run_case_isolated(micro_spec(plugin("crash")), timeout_s=120)
     assert crashed.status == "error" and "exited with 7" in crashed.reason
+
+
+def test_gradients_count_in_the_peak_although_the_warm_up_left_some():
+    """After the warm-up the inputs hold gradients; the measured steps replace them. Those must count."""
+    spec = CaseSpec(plugin("regrad"), "loss", Shape("custom", 64, 1024, 4096), "float32", "cpu", warmup=1)
+    result = run_case_isolated(spec, timeout_s=120)
+    grad_bytes = 4096 * 1024 * 4
+    assert result.status == "ok", result.reason
+    assert 0.9 * grad_bytes <= result.peak_mem_bytes < 1.5 * grad_bytes
 
 
 def test_cli_writes_json_markdown_and_plots_and_survives_failures(tmp_path):
@@ -206,3 +215,31 @@ def test_cli_long_context_search_in_process(tmp_path):
     assert skipped["status"] == "skipped" and skipped["reason"] == "deliberately skipped"
     assert "≥ 256 (cap)" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "long-context.png").exists()
+
+
+def test_an_interrupted_run_keeps_its_tables_and_runs_without_tqdm(tmp_path, monkeypatch, capsys):
+    import bench.__main__ as cli
+
+    monkeypatch.setattr(cli, "progress_bar", None)  # a machine without tqdm: one line per case
+    methods = ["naive", plugin("interrupt"), "matmul", "ours"]
+    argv = ["--suite", "loss", "--shapes", "micro:64", "--methods", *methods]
+    argv += ["--repeats", "1", "--warmup", "0", "--in-process", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert "bench [1/4] loss ours N=64\nbench [2/4] loss matmul N=64\n" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ours", "matmul", "naive"]  # ours and matmul first
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| naive | micro | 64 |" in markdown and "| ours | micro | 64 |" in markdown
+
+
+def test_report_redraws_tables_and_plots_from_results_json(tmp_path):
+    from bench import report
+
+    argv = ["--suite", "loss", "--shapes", "micro:64,128", "--methods", "naive", "matmul"]
+    main([*argv, "--repeats", "1", "--warmup", "0", "--in-process", "--out", str(tmp_path)])
+    (tmp_path / "results.md").unlink()
+    (tmp_path / "loss-micro.png").unlink()
+    report.main([str(tmp_path)])
+    assert "| naive | micro | 128 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "loss-micro.png").read_bytes()[:4] == b"\x89PNG"

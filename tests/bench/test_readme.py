@@ -55,6 +55,8 @@ def test_render_one_table_per_device_class_from_the_newest_run(tmp_path):
             row("naive", 64, 200.0, 400),
             row("ours", 64, 300.0, 10),
             row("liger-triton", 64, 0, 0, status="skipped", reason="needs | CUDA"),
+            # a method since dropped (committed runs keep their rows): rendered as it was recorded
+            row("ours-chunked", 64, 0, 0, status="skipped", reason="on CPU `ours` is this chunked path"),
         ],
     )
     write_run(results / "gpu-x", "NVIDIA H200", "2026-01-15T00:00:00", [row("ours", 128, 5.0, 3)])
@@ -68,6 +70,7 @@ def test_render_one_table_per_device_class_from_the_newest_run(tmp_path):
     assert "N=64, H=8, V=16 on CPU B" in text
     assert "| ours | 300.0 | 1.50 | 10 | 2.5 | ok |" in text
     assert "| liger-triton | — | — | — | — | skipped: needs / CUDA |" in text
+    assert "| ours-chunked | — | — | — | — | skipped: on CPU `ours` is this chunked path |" in text
     assert "| ours | 5.0 | 1.50 | 3 | — | ok |" in text  # no naive row to compare with
     cpu = text[text.index("### CPU") :]
     assert cpu.index("cpu-new/results.md") < cpu.index("cpu-old/results.md")  # every run linked, newest first
