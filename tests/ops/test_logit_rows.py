@@ -92,6 +92,7 @@ def test_statistics_of_huge_logits_stay_finite(scale):
 @pytest.mark.parametrize(
     "dz_dtype,in_place",
     [(torch.float32, True), (torch.float32, False), (torch.float16, False), (torch.bfloat16, False)],
+    ids=["fp32-in-place", "fp32", "fp16", "bf16"],
 )
 @pytest.mark.parametrize("seed,rows,vocab", SHAPES[1:4])
 def test_grads_mode_writes_dz(seed, rows, vocab, dz_dtype, in_place):
