@@ -4,13 +4,13 @@
     python -m bench.phases --render DIR        # phases.md and phases.png again from DIR/phases.json
 
 One step of `rpg_kernels.fused_linear_rpg_loss` (the benchmark's problem and RPG config, forward and
-backward) is replayed with the library's own functions, on the buffers the library allocates, and a
-timestamp is taken between phases (CUDA events; ``perf_counter`` on CPU), summed over the token chunks:
+backward) runs through the library's orchestrator (`rpg_kernels.ops.fused_head.head_loss`), whose
+``HeadOptions.laps`` hook marks the end of every phase; a timestamp is taken at each mark (CUDA events;
+``perf_counter`` on CPU) and the phases are summed over the token chunks:
 
 - ``single_pass`` (``method="single_pass"``, the CUDA default; `rpg_kernels.ops.single_pass`): prepare;
-  per chunk the logits GEMM (``mm_fp32``, inside ``_Chunks``), the row kernel (``launch_logit_rows``),
-  the dh GEMM, the dW GEMM (``addmm_fp32_``), db (each ``_Chunks.add`` with only that accumulator);
-  finish (per-token outputs, loss, metrics, gradients to the caller's dtypes);
+  per chunk the logits GEMM (``mm_fp32``), the row kernel (``launch_logit_rows``), the dh GEMM, the dW
+  GEMM (``addmm_fp32_``), db; finish (per-token outputs, loss, metrics, gradients to the caller's dtypes);
 - ``fused`` (``method="fused"``): prepare; ``linear_logprobs_forward``; the epilogue
   (``epilogue_loss_and_grads``); ``linear_logprobs_backward`` for dh, then for dW and db; finish;
 - ``fused_atomic`` (``method="fused", deterministic=False``): the same with the atomic backward kernel.
@@ -36,7 +36,7 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -140,145 +140,30 @@ class Laps:
 # --- the replays: the library's functions, in the order the library calls them ----------------------
 
 
-def loss_setup(p: Problem):
-    """What `rpg_kernels.fused_linear_rpg_loss` hands its orchestrator for ``p``, and the start of
-    `rpg_kernels.ops.fused_head.head_loss`: ``(head, prepared inputs, aggregation weights, config)``."""
-    from rpg_kernels.loss.aggregation import aggregation_weights
-    from rpg_kernels.loss.inputs import prepare_loss_inputs, validate_loss_inputs
-    from rpg_kernels.ops.autograd import make_head
-    from rpg_kernels.ops.chunked import compute_dtype
+def replay(p: Problem, laps: Laps, method: str, deterministic: bool, workspace_bytes: int | None) -> tuple:
+    """`rpg_kernels.ops.fused_head.head_loss` as `rpg_kernels.fused_linear_rpg_loss` calls it for ``p``, its
+    phases marked by the ``HeadOptions.laps`` hook; returns the caller's ``(dh, dW, db)`` and, for the
+    single pass, the chunk plan ``(kept rows, rows per chunk)``."""
+    from rpg_kernels.loss.inputs import validate_loss_inputs
+    from rpg_kernels.ops.autograd import caller_grads, make_head
+    from rpg_kernels.ops.fused_head import head_loss
+    from rpg_kernels.ops.lm_head import DEFAULT_WORKSPACE_BYTES, HeadOptions
+    from rpg_kernels.ops.single_pass import chunk_rows
 
+    laps.start()
     config = loss_config()
     hidden = p.hidden.detach().reshape(-1, p.shape.h)
     keep = (p.mask != 0) & (p.targets != IGNORE_INDEX)
     inputs = validate_loss_inputs(None, p.old_logprobs, p.advantages, keep, p.ref_logprobs, config=config)
     head = make_head(hidden, p.weight, p.bias, p.targets.reshape(-1), hidden.dtype, 1.0, IGNORE_INDEX)
-    head = replace(head, targets=torch.where(inputs.mask.reshape(-1), head.targets, head.ignore_index))
-    dtype = torch.promote_types(inputs.dtype, compute_dtype(head.hidden.dtype))
-    prepared = prepare_loss_inputs(replace(inputs, dtype=dtype))
-    weights = aggregation_weights(prepared.mask, config.agg, None, dtype, config.max_completion_length)
-    return head, prepared, weights, config
-
-
-def single_pass_replay(p: Problem, laps: Laps, workspace_bytes: int | None) -> tuple:
-    """`rpg_kernels.ops.single_pass.single_pass_loss` as `fused_head` calls it, a lap per phase; returns
-    the caller's ``(dh, dW, db)`` and the chunk plan ``(kept rows, rows per chunk)``."""
-    from rpg_kernels.loss import loss_metrics
-    from rpg_kernels.ops.autograd import caller_grads
-    from rpg_kernels.ops.lm_head import DEFAULT_WORKSPACE_BYTES, HeadOptions
-    from rpg_kernels.ops.logit_rows import MODE_LOSS, launch_logit_rows
-    from rpg_kernels.ops.single_pass import TokenLossProblem, _Chunks, _parts, _scatter
-    from rpg_kernels.ops.token_loss_epilogue import ZONE_DUAL, ZONE_HIGH, ZONE_LOW
-
-    laps.start()
-    head, prepared, weights, config = loss_setup(p)
-    flat = lambda t: None if t is None else t.expand(prepared.shape).reshape(-1)  # noqa: E731
-    problem = TokenLossProblem(
-        old=flat(prepared.old_logprobs),
-        ref=flat(prepared.ref_logprobs),
-        adv=flat(prepared.advantages),
-        weight=flat(weights),
-        rollout_weight=flat(prepared.rollout_weights),
-        keep=flat(prepared.mask),
-        config=config,
-        entropy_coef=0.0,
-    )
     workspace = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    need = (True, True, head.bias is not None)
-    options = HeadOptions(backend="triton", method="single_pass", workspace_bytes=workspace, need=need)
-    rows = problem.keep.nonzero()[:, 0]
-    chunks = _Chunks(head, rows, options, with_grads=True)
-    device, compute = head.hidden.device, problem.old.dtype
-    stats = tuple(torch.empty(chunks.n, dtype=torch.float32, device=device) for _ in range(3))
-    per_token = dict(old=problem.old, ref=problem.ref, adv=problem.adv, weight=problem.weight)
-    per_token["rollout_weight"] = problem.rollout_weight
-    inputs = {name: None if t is None else t[rows].contiguous() for name, t in per_token.items()}
-    outputs = {name: torch.empty(chunks.n, dtype=compute, device=device) for name in ("loss", "kl", "ratio")}
-    outputs["zone"] = torch.empty(chunks.n, dtype=torch.int8, device=device)
-    laps.lap("prepare")
-    for part, tokens, h_c, z in chunks:  # the chunk's logits GEMM runs inside the iteration
-        laps.lap("logits_gemm")
-        loss = {name: None if t is None else t[part] for name, t in {**inputs, **outputs}.items()}
-        loss.update(config=problem.config, entropy_coef=problem.entropy_coef)
-        launch_logit_rows(
-            MODE_LOSS,
-            z,
-            chunks.dz_buffer(z),
-            head.targets[tokens],
-            chunks.bias32,
-            head.temperature,
-            _parts(stats, part),
-            loss=loss,
-        )
-        laps.lap("row_kernel")
-        for accumulator, phase in (("dh", "dh_gemm"), ("dw", "dw_gemm"), ("db", "db")):
-            if getattr(chunks, accumulator) is not None:
-                _add_only(chunks, accumulator, tokens, h_c, z)
-                laps.lap(phase)
-    n, shape = head.n_tokens, prepared.shape
-    out = {name: _scatter(t, rows, n).reshape(shape) for name, t in outputs.items()}
-    entropy = _scatter(stats[1], rows, n).to(weights.dtype).reshape(shape)
-    _ = (out["loss"] * weights).sum()
-    zone = out["zone"]
-    loss_metrics(
-        prepared.mask,
-        out["kl"],
-        out["ratio"],
-        zone == ZONE_LOW,
-        zone == ZONE_HIGH,
-        zone == ZONE_DUAL,
-        entropy,
-    )
-    grads = caller_grads(chunks.grads(), p.hidden, p.weight, p.bias)
-    laps.lap("finish")
-    return grads, (chunks.n, chunks.chunk)
-
-
-def _add_only(chunks, accumulator: str, tokens, h_c: torch.Tensor, z: torch.Tensor) -> None:
-    """``_Chunks.add`` with only ``accumulator`` (``dh``, ``dw`` or ``db``) present, the others set aside.
-    (bf16 and fp32 only: for fp16 ``add`` rescales the chunk in place, so it must run once.)"""
-    kept = {name: getattr(chunks, name) for name in ("dh", "dw", "db")}
-    try:
-        for name, tensor in kept.items():
-            setattr(chunks, name, tensor if name == accumulator else None)
-        chunks.add(tokens, h_c, z)
-    finally:
-        for name, tensor in kept.items():
-            setattr(chunks, name, tensor)
-
-
-def fused_replay(p: Problem, laps: Laps, deterministic: bool) -> tuple:
-    """`fused_head.head_loss`'s two passes on the fused kernels, a lap per phase; returns ``(dh, dW, db)``."""
-    from rpg_kernels.ops.autograd import caller_grads
-    from rpg_kernels.ops.linear_logprobs_backward import linear_logprobs_backward
-    from rpg_kernels.ops.linear_logprobs_forward import linear_logprobs_forward
-    from rpg_kernels.ops.lm_head import HeadGrads, UpstreamGrads
-    from rpg_kernels.ops.token_loss_epilogue import epilogue_loss_and_grads
-
-    laps.start()
-    head, prepared, weights, config = loss_setup(p)
-    laps.lap("prepare")
-    logprob, lse, entropy = linear_logprobs_forward(head, with_entropy=True)
-    laps.lap("forward")
-    shape = prepared.shape
-    _, g_l, _, _ = epilogue_loss_and_grads(
-        prepared, weights, config, logprob.reshape(shape), entropy.reshape(shape), 0.0
-    )
-    laps.lap("epilogue")
-    upstream, entropy = UpstreamGrads(g_l.reshape(-1), None), entropy.reshape(-1)
-    has_bias = head.bias is not None
-    if deterministic:
-        dh = linear_logprobs_backward(head, lse, entropy, upstream, (True, False, False), True).hidden
-        laps.lap("backward_dh")
-        rest = linear_logprobs_backward(head, lse, entropy, upstream, (False, True, has_bias), True)
-        laps.lap("backward_dw")
-        grads = HeadGrads(dh, rest.weight, rest.bias)
-    else:
-        grads = linear_logprobs_backward(head, lse, entropy, upstream, (True, True, has_bias), False)
-        laps.lap("backward_atomic")
-    out = caller_grads(grads, p.hidden, p.weight, p.bias)
-    laps.lap("finish")
-    return out, None
+    need = (True, True, p.bias is not None)
+    options = HeadOptions("triton", method, deterministic, workspace, need, laps=laps.lap)
+    _, _, grads = head_loss(head, inputs, config, None, 0.0, options)
+    out = caller_grads(grads, p.hidden, p.weight, p.bias)  # outside the laps: a dtype cast or nothing
+    rows = int(inputs.mask.sum())
+    plan = (rows, chunk_rows(rows, p.shape.v, hidden.dtype, workspace)) if method == "single_pass" else None
+    return out, plan
 
 
 # --- measuring ---------------------------------------------------------------------------------------
@@ -313,19 +198,18 @@ def measure_path(path: PhasePath, p: Problem, repeats: int, warmup: int, workspa
     if workspace_bytes is not None:
         options["workspace_bytes"] = workspace_bytes
     public = rpg_kernels_step("loss", p, **options)
-    if path.name == "single_pass":
-        replay: Callable[[Laps], tuple] = lambda laps: single_pass_replay(p, laps, workspace_bytes)  # noqa: E731
-    else:
-        replay = lambda laps: fused_replay(p, laps, path.deterministic)  # noqa: E731
+    run_replay: Callable[[Laps], tuple] = lambda laps: replay(  # noqa: E731
+        p, laps, path.method, path.deterministic, workspace_bytes
+    )
     timed = step_timer(device.type)
     for _ in range(warmup):  # compiles and autotunes every kernel variant both runs launch
-        replay(Laps(device))
+        run_replay(Laps(device))
         public()
     per_phase: dict[str, list[float]] = defaultdict(list)
     sums, end_to_end, calls, plan, grads = [], [], {}, None, None
     for _ in range(repeats):
         laps = Laps(device)
-        grads, plan = replay(laps)
+        grads, plan = run_replay(laps)
         ms, calls = laps.totals()
         for phase, value in ms.items():
             per_phase[phase].append(value)

@@ -69,7 +69,9 @@ def head_logprob_grads(
     if options.method == "fused":
         from rpg_kernels.ops.linear_logprobs_backward import linear_logprobs_backward
 
-        return linear_logprobs_backward(head, lse, entropy, grads, options.need, options.deterministic)
+        return linear_logprobs_backward(
+            head, lse, entropy, grads, options.need, options.deterministic, options.lap
+        )
     from rpg_kernels.ops.single_pass import single_pass_backward
 
     return single_pass_backward(head, lse, entropy, grads, options)
@@ -107,7 +109,9 @@ def head_loss(
             return _single_pass_loss(head, prepared, weights, config, entropy_coef, options)
 
     # two passes: log-probs (and entropies), the loss's per-token gradients, then the head's gradients
+    options.lap("prepare")
     logprob, lse, entropy = head_logprobs(head, options, with_entropy=True)
+    options.lap("forward")
     shape = prepared.shape
     logprob, entropy = logprob.reshape(shape), entropy.reshape(shape)
     if options.backend == "triton" and supports_streaming(config):
@@ -129,11 +133,14 @@ def head_loss(
             entropy_coef=entropy_coef,
             rollout_weights=prepared.rollout_weights,
         )
+    options.lap("epilogue")
     if not need_grads:
         return loss, metrics, None
     g_h = g_h.reshape(-1) if entropy_coef != 0.0 else None
     upstream = UpstreamGrads(g_l.reshape(-1), g_h)
-    return loss, metrics, head_logprob_grads(head, lse, entropy.reshape(-1), upstream, options)
+    grads = head_logprob_grads(head, lse, entropy.reshape(-1), upstream, options)
+    options.lap("finish")
+    return loss, metrics, grads
 
 
 def _with_dtype(inputs: LossInputs, dtype: torch.dtype) -> LossInputs:
@@ -178,4 +185,5 @@ def _single_pass_loss(
         zone == ZONE_DUAL,
         entropy,
     )
+    options.lap("finish")
     return loss, metrics, grads

@@ -23,6 +23,7 @@ subnormal range (token-mean weights ``~1/N`` times ``p ~ 1/V``), undone on the f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -371,11 +372,13 @@ def linear_logprobs_backward(
     grads: UpstreamGrads,
     need: tuple[bool, bool, bool] = (True, True, True),
     deterministic: bool = True,
+    lap: Callable[[str], None] = lambda phase: None,
 ) -> HeadGrads:
     """``(dh [N, H], dW [V, H], db [V] | None)`` (None where not needed) from per-token upstream grads.
 
     ``lse``/``entropy`` from the forward; ``grads.entropy`` may be None. Ignored tokens get no gradient.
     Gradients come back in the input dtypes, or in fp32 for fp16 operands (``fp32_until_backward``).
+    ``lap(phase)`` marks the end of each kernel launch (`rpg_kernels.ops.lm_head.HeadOptions.laps`).
     """
     hidden, weight, bias, targets = head.hidden, head.weight, head.bias, head.targets
     n_tokens, hidden_size = hidden.shape
@@ -425,6 +428,7 @@ def linear_logprobs_backward(
             reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"),
             **common,
         )
+        lap("backward_atomic")
     else:
         if dh is not None:
             grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]),)  # noqa: E731
@@ -439,6 +443,7 @@ def linear_logprobs_backward(
                 reset_to_zero=("dh_ptr",),
                 **common,
             )
+            lap("backward_dh")
         if dw is not None:
             grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
             args = (*vectors, dw, db, *sizes, dw.stride(0), *scalars)
@@ -452,6 +457,7 @@ def linear_logprobs_backward(
                 reset_to_zero=("dw_ptr",),
                 **common,
             )
+            lap("backward_dw")
     if scale != 1.0:
         for g in (dh, dw, db):
             if g is not None:

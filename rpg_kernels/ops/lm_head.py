@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,8 @@ class HeadOptions:
     ``backend``: ``"triton"`` or ``"torch"``; ``method`` (Triton only): ``"single_pass"`` (cuBLAS chunk
     GEMMs + the Triton row kernel, the default) or ``"fused"`` (the Triton kernels that never hold a
     ``[C, V]`` chunk); ``deterministic``: the fused backward without atomics; ``workspace_bytes``: the
-    single pass's budget for its ``[C, V]`` buffers; ``need``: which of ``(dh, dW, db)`` to compute.
+    single pass's budget for its ``[C, V]`` buffers; ``need``: which of ``(dh, dW, db)`` to compute;
+    ``laps``: called with a phase's name as each phase ends (``bench.phases`` times the phases with it).
     """
 
     backend: str = "torch"
@@ -83,6 +85,12 @@ class HeadOptions:
     deterministic: bool = True
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     need: tuple[bool, bool, bool] = (True, True, True)
+    laps: Callable[[str], None] | None = None
+
+    def lap(self, phase: str) -> None:
+        """Mark the end of ``phase`` (nothing without a ``laps`` hook)."""
+        if self.laps is not None:
+            self.laps(phase)
 
 
 def fp16_scale(peak: float) -> float:

@@ -75,7 +75,7 @@ class _Chunks:
     """The gathered rows, the chunk buffers and the fp32 gradient accumulators of one call."""
 
     def __init__(self, head: LMHead, rows: Tensor, options: HeadOptions, with_grads: bool):
-        self.head, self.rows = head, rows  # rows: [n] int64 indices of the tokens that run
+        self.head, self.rows, self.options = head, rows, options  # rows: [n] indices of the tokens that run
         self.n = rows.numel()
         self.all_rows = self.n == head.n_tokens  # then chunks are slices: no gather, no scatter
         dtype, device = head.hidden.dtype, head.hidden.device
@@ -105,6 +105,7 @@ class _Chunks:
             h_c = self.head.hidden[tokens]
             z = self.z[: stop - start]
             mm_fp32(h_c, self.head.weight.T, out=z)
+            self.options.lap("logits_gemm")
             yield slice(start, stop), tokens, h_c, z
 
     def dz_buffer(self, z: Tensor) -> Tensor:
@@ -137,10 +138,13 @@ class _Chunks:
                     self.dh.index_copy_(0, tokens, dh_c)
             else:
                 torch.mm(dz, weight, out=self.dh[tokens])
+            self.options.lap("dh_gemm")
         if self.dw is not None:
             addmm_fp32_(self.dw, dz.T, h_c, alpha=inv)
+            self.options.lap("dw_gemm")
         if self.db is not None:
             self.db.add_(dz.sum(dim=0, dtype=torch.float32), alpha=inv)
+            self.options.lap("db")
 
     def grads(self) -> HeadGrads:
         return HeadGrads(self.dh, self.dw, self.db, fp32_until_backward=self.fp16)
@@ -202,6 +206,7 @@ def single_pass_loss(
     inputs = {name: None if t is None else t[rows].contiguous() for name, t in per_token.items()}
     outputs = {name: torch.empty(chunks.n, dtype=compute, device=device) for name in ("loss", "kl", "ratio")}
     outputs["zone"] = torch.empty(chunks.n, dtype=torch.int8, device=device)
+    options.lap("prepare")
     for part, tokens, h_c, z in chunks:
         loss = {name: None if t is None else t[part] for name, t in {**inputs, **outputs}.items()}
         loss.update(config=problem.config, entropy_coef=problem.entropy_coef)
@@ -215,6 +220,7 @@ def single_pass_loss(
             _parts(stats, part),
             loss=loss,
         )
+        options.lap("row_kernel")
         chunks.add(tokens, h_c, z)
     n = head.n_tokens
     scattered = {name: _scatter(t, rows, n) for name, t in outputs.items()}
