@@ -41,11 +41,12 @@ def test_tiny_demo_with_vllm_writes_metrics_checkpoint_plot(tmp_path):
             assert isinstance(record[key], float), key
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     assert len(evals) == 2 and all(0.0 <= e <= 1.0 for e in evals)  # before training and at step 3
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000002.pt", "step-00000003.pt"]
-    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
-    assert state["step"] == 3 and {"model", "optimizer", "scheduler", "reference", "ranks"} <= set(state)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    state = checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path))
+    assert state["step"] == 3 and {"scheduler", "reference", "ranks", "model_dir"} <= set(state)
     assert (tmp_path / "metrics.png").stat().st_size > 1000
     assert (tmp_path / "config.yaml").is_file() and summary["steps"] == 3
+    assert (tmp_path / "final" / "config.json").is_file() and summary["final"] == str(tmp_path / "final")
 
 
 @pytest.mark.slow
