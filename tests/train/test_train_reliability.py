@@ -4,7 +4,7 @@ The runs use the tiny generated model/task with the ``hf`` rollout engine (``tra
 per-step seed: deterministic and cheap), so an uninterrupted run and a killed-then-resumed one can be compared
 parameter for parameter (their exported ``final/`` folders). One process under ddp; two (``torchrun``, gloo)
 under fsdp, where one rank is killed in the middle of a step's backward and then in the middle of a
-checkpoint write.
+checkpoint write, and whose checkpoint then resumes in one process (resharded).
 """
 
 import json
@@ -159,6 +159,12 @@ def test_fsdp_sigkill_in_a_step_and_in_a_checkpoint_write_then_resume(tmp_path):
     resumed = run_child(tmp_path, "resume", -1, out, resume=True, ranks=2, extra=fsdp)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "straight", out)
+
+    # the 2 ranks' sharded checkpoint resumes in one ddp process: DCP reshards it (announced), the run goes on
+    more = run_child(tmp_path, "resume", -1, out, resume=True, extra=["train.parallel=ddp", "train.steps=5"])
+    assert more.returncode == 0 and "written by 2 ranks, this run has 1" in more.stdout, more.stderr[-3000:]
+    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(out))["world_size"] == 1
+    assert checkpoint.latest_checkpoint(out).name == "step-00000005"
 
 
 @pytest.mark.timeout(300)
