@@ -124,6 +124,35 @@ def measure_states(mode, info, rank) -> dict[str, int]:
     return measured
 
 
+def reference_gaps(mode, info, rank) -> list[float]:
+    """A frozen reference refreshed every 2 optimizer steps (copied before the policy is sharded, sharded
+    alike): the largest gap between its and the policy's log-probs after each of the 2 optimizer steps of an
+    update (before the refresh rule runs), then after the update (refreshed)."""
+    model = tiny_causal_lm("qwen2", vocab_size=VOCAB)
+    loss = PolicyLoss(model, rk.LossConfig.preset("rpg_reinforce", beta=0.05), backend="torch")
+    frozen = lambda copy: parallel.parallelize(PolicyLoss(copy, backend="torch"), mode, info, trainable=False)  # noqa: E731
+    reference = ReferencePolicy(model, "every_k", every_k=2, wrap=frozen)
+    module = parallel.parallelize(loss, mode, info)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    policy = Policy(model, loss, module, optimizer, scheduler, reference)
+    cfg = build_config("tiny", overrides=["rollout.group_size=2", "train.mini_batch_prompts=4"])
+    prompts, completions, rewards = rank_rollouts(rank)
+    batch = build_batch(prompts, completions, pad_id=0)
+
+    def gap() -> float:
+        ours, _ = sequence_logprobs(policy.loss, batch, micro_batch=8)
+        theirs, _ = sequence_logprobs(reference.model, batch, micro_batch=8)
+        return float((ours - theirs).abs().max())
+
+    gaps = []
+    optimizer.register_step_post_hook(lambda *_: gaps.append(gap()))
+    old, _ = sequence_logprobs(policy.loss, batch, micro_batch=8)
+    ref, _ = sequence_logprobs(reference.model, batch, micro_batch=8)
+    update_policy(policy, cfg, info, batch, old, ref, rk.compute_advantages("rpg", rewards, GROUP_SIZE))
+    return [*gaps, gap()]
+
+
 def _worker(rank: int, port: int, out_path: str) -> None:
     os.environ.update(
         WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -135,6 +164,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         for case in CASES:
             results[(mode, *case)] = run_updates(mode, info, *rank_rollouts(rank), *case)
         results[mode, "states"] = measure_states(mode, info, rank)
+        results[mode, "reference"] = reference_gaps(mode, info, rank)
     torch.save(results, f"{out_path}.rank{rank}")
     distributed.teardown()
 
@@ -185,3 +215,12 @@ def test_fsdp_holds_half_the_states_of_ddp_on_two_ranks(two_ranks):
         ddp, fsdp = two_ranks[rank]["ddp", "states"], two_ranks[rank]["fsdp", "states"]
         for kind in ("parameters", "gradients", "optimizer"):
             assert ddp[kind] > 0 and 0.45 < fsdp[kind] / ddp[kind] < 0.6, (rank, kind, ddp, fsdp)
+
+
+@pytest.mark.timeout(300)
+def test_frozen_reference_is_sharded_like_the_policy_and_refreshed(two_ranks):
+    for mode in ("ddp", "fsdp"):
+        for rank in range(2):
+            after_step_1, after_step_2, refreshed = two_ranks[rank][mode, "reference"]
+            assert after_step_2 > after_step_1 > 1e-3, (mode, rank)  # frozen while the policy moves
+            assert refreshed == 0.0, (mode, rank)  # then a copy of the policy, shard by shard

@@ -139,7 +139,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_fsdp_sigkill_in_a_step_and_in_a_checkpoint_write_then_resume(tmp_path):
-    fsdp = ["train.parallel=fsdp"]
+    # with a frozen reference refreshed every 3 optimizer steps (2 per rollout step): it is checkpointed and
+    # sharded too, and a refresh falls between the checkpoints
+    reference = ["algo.ref_update=every_k", "algo.ref_update_k=3"]
+    fsdp = ["train.parallel=fsdp", *reference]
     straight = run_child(tmp_path, "none", -1, tmp_path / "straight", ranks=2, extra=fsdp)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert {p.name for p in checkpoint.latest_checkpoint(tmp_path / "straight").iterdir()} >= {
@@ -159,9 +162,13 @@ def test_fsdp_sigkill_in_a_step_and_in_a_checkpoint_write_then_resume(tmp_path):
     resumed = run_child(tmp_path, "resume", -1, out, resume=True, ranks=2, extra=fsdp)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "straight", out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("ref_updates", 0) for r in records] == [0, 1, 2, 2]  # refreshed after optimizer steps 3, 6
 
     # the 2 ranks' sharded checkpoint resumes in one ddp process: DCP reshards it (announced), the run goes on
-    more = run_child(tmp_path, "resume", -1, out, resume=True, extra=["train.parallel=ddp", "train.steps=5"])
+    more = run_child(
+        tmp_path, "resume", -1, out, resume=True, extra=[*reference, "train.parallel=ddp", "train.steps=5"]
+    )
     assert more.returncode == 0 and "written by 2 ranks, this run has 1" in more.stdout, more.stderr[-3000:]
     assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(out))["world_size"] == 1
     assert checkpoint.latest_checkpoint(out).name == "step-00000005"
