@@ -10,6 +10,7 @@ normaliser shows).
 
 import os
 import socket
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -27,8 +28,29 @@ from tests.support import tiny_causal_lm
 GROUP_SIZE, GROUPS_PER_RANK, VOCAB, UPDATES = 2, 4, 97, 2
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # (agg, tied head, gradient checkpointing): every aggregation untied, then the other head/checkpointing cases
-CASES = [(agg, False, False) for agg in AGGS] + [("token-mean", True, False), ("token-mean", True, True)]
-CASES += [("token-mean", False, True)]
+
+
+class Case(NamedTuple):
+    agg: str
+    tied: bool = False
+    checkpointing: bool = False
+    clip: float = 1e6  # optim.grad_clip: 1e6 never clips
+    offload: bool = False  # fsdp only
+
+    def __str__(self) -> str:
+        return (
+            f"{self.agg}-{'tied' if self.tied else 'untied'}{'-checkpointing' if self.checkpointing else ''}"
+            f"{f'-clip{self.clip:g}' if self.clip < 1e6 else ''}{'-offload' if self.offload else ''}"
+        )
+
+
+CASES = [Case(agg) for agg in AGGS] + [
+    Case("token-mean", tied=True),
+    Case("token-mean", tied=True, checkpointing=True),
+    Case("token-mean", checkpointing=True),
+    Case("token-mean", tied=True, clip=0.05),  # clipping by the global norm of the sharded gradients
+    Case("token-mean", clip=0.05, offload=True),
+]
 SINGLE = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
@@ -61,12 +83,12 @@ def union_rollouts():
     return prompts, completions, torch.cat(rewards)
 
 
-def make_policy(mode, info, tied, checkpointing, optimizer="sgd", **sizes):
+def make_policy(mode, info, tied, checkpointing, optimizer="sgd", offload=False, **sizes):
     model = tiny_causal_lm("qwen2", tie_word_embeddings=tied, **{"vocab_size": VOCAB, **sizes})
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss = PolicyLoss(model, rk.LossConfig.preset("rpg_reinforce"), backend="torch")
-    module = parallel.parallelize(loss, mode, info)
+    module = parallel.parallelize(loss, mode, info, offload=offload)
     loss.train()
     if optimizer == "sgd":
         optim = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -76,8 +98,9 @@ def make_policy(mode, info, tied, checkpointing, optimizer="sgd", **sizes):
     return Policy(model, loss, module, optim, scheduler, ReferencePolicy(model))
 
 
-def run_updates(mode, info, prompts, completions, rewards, agg, tied, checkpointing):
-    """``UPDATES`` updates (2 optimizer steps each) from fixed rollouts: full weights, losses, layer calls."""
+def run_updates(mode, info, prompts, completions, rewards, case: Case):
+    """``UPDATES`` updates (2 optimizer steps each) from fixed rollouts: full weights, losses and gradient
+    norms, calls of the first layer in the last update."""
     cfg = build_config(
         "tiny",
         overrides=[
@@ -85,12 +108,12 @@ def run_updates(mode, info, prompts, completions, rewards, agg, tied, checkpoint
             "train.prompts_per_step=8",
             "train.mini_batch_prompts=4",
             "train.micro_batch_seqs=3",
-            "optim.grad_clip=1e6",
+            f"optim.grad_clip={case.clip}",
             "rollout.max_tokens=8",
         ],
     )
-    policy = make_policy(mode, info, tied, checkpointing)
-    policy.loss.loss_config = rk.LossConfig.preset("rpg_reinforce", agg=agg, beta=0.05)
+    policy = make_policy(mode, info, case.tied, case.checkpointing, offload=case.offload)
+    policy.loss.loss_config = rk.LossConfig.preset("rpg_reinforce", agg=case.agg, beta=0.05)
     calls = []
     parallel.decoder_layers(policy.model)[0].register_forward_pre_hook(lambda *_: calls.append(1))
     batch = build_batch(prompts, completions, pad_id=0)
@@ -103,7 +126,8 @@ def run_updates(mode, info, prompts, completions, rewards, agg, tied, checkpoint
         place = batch.mask.cumsum(1)
         old = (old + 0.3 * torch.sin(1.37 * batch.targets.clamp(min=0).float() + place)) * batch.mask
         calls.clear()
-        losses.append(update_policy(policy, cfg, info, batch, old, None, advantages).loss)
+        stats = update_policy(policy, cfg, info, batch, old, None, advantages)
+        losses += [stats.loss, stats.grad_norm]
     weights = {name: tensor.clone() for name, tensor in parallel.full_weights(policy.model)}
     return weights, losses, len(calls)
 
@@ -162,7 +186,8 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     results = {}
     for mode in ("ddp", "fsdp"):
         for case in CASES:
-            results[(mode, *case)] = run_updates(mode, info, *rank_rollouts(rank), *case)
+            if mode == "fsdp" or not case.offload:
+                results[mode, str(case)] = run_updates(mode, info, *rank_rollouts(rank), case)
         results[mode, "states"] = measure_states(mode, info, rank)
         results[mode, "reference"] = reference_gaps(mode, info, rank)
     torch.save(results, f"{out_path}.rank{rank}")
@@ -183,30 +208,29 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'tied' if c[1] else 'untied'}-gc{int(c[2])}")
+@pytest.mark.parametrize("case", CASES, ids=str)
 def test_fsdp_equals_ddp_equals_one_process_on_union(two_ranks, case):
-    initial = {
-        k: v.clone()
-        for k, v in tiny_causal_lm("qwen2", vocab_size=VOCAB, tie_word_embeddings=case[1])
-        .state_dict()
-        .items()
-    }
-    weights, losses, calls = run_updates("ddp", SINGLE, *union_rollouts(), *case)
-    for mode in ("ddp", "fsdp"):
+    initial = tiny_causal_lm("qwen2", vocab_size=VOCAB, tie_word_embeddings=case.tied).state_dict()
+    weights, losses, calls = run_updates("ddp", SINGLE, *union_rollouts(), case._replace(offload=False))
+    for mode in ("fsdp",) if case.offload else ("ddp", "fsdp"):
         for rank in range(2):
-            got, got_losses, got_calls = two_ranks[rank][(mode, *case)]
+            got, got_losses, got_calls = two_ranks[rank][mode, str(case)]
             assert got.keys() == weights.keys()
             for name, value in weights.items():
                 torch.testing.assert_close(
                     got[name], value, rtol=1e-5, atol=1e-6, msg=f"{mode} {case} {name}"
                 )
-            assert got_losses == pytest.approx(losses, rel=1e-5, abs=1e-7), (mode, case)
+            assert got_losses == pytest.approx(losses, rel=1e-5, abs=1e-7), (mode, case)  # losses, norms
             # per update, 2 mini-batches of 4 rows per rank = 4 micro-batches of <= 3 rows; checkpointing
             # recomputes each layer's forward in backward, so it calls the layer twice as often
-            assert got_calls == (8 if case[2] else 4), (mode, case, got_calls)
-    assert calls == (12 if case[2] else 6), calls  # one process: 2 mini-batches of 8 rows = 6 micro-batches
+            assert got_calls == (8 if case.checkpointing else 4), (mode, case, got_calls)
+    assert calls == (12 if case.checkpointing else 6), (
+        calls
+    )  # one process: 2 mini-batches of 8 rows = 6 micro-batches
     moved = [bool((value - initial[k]).abs().max() > 1e-6) for k, value in weights.items()]
     assert sum(moved) > len(moved) // 2, f"{case}: the updates left most parameters unchanged"
+    norms = losses[1::2]
+    assert (max(norms) > case.clip) == (case.clip < 1e6), norms  # the clipping cases clip
 
 
 @pytest.mark.timeout(300)
