@@ -14,10 +14,10 @@ from rpg_train import memory
 ROOT = Path(__file__).resolve().parents[2]
 
 # A fresh process trains a small Qwen2 (AdamW, gradient checkpointing, the trainer's update_policy) and
-# reports its peak RSS above the RSS it had before building the model. A throw-away model first runs the same
-# path, so that lazily loaded code and thread pools are in that baseline.
+# reports its peak RSS (VmHWM, reset just before) above the RSS it had before building the model. A throw-away
+# model first runs the same path, so that lazily loaded code and thread pools are in that baseline.
 CHILD = """
-import json, resource, sys, torch
+import json, sys, torch
 import rpg_kernels as rk
 from transformers import AutoModelForCausalLM, Qwen2Config
 from rpg_train import distributed, parallel
@@ -30,9 +30,9 @@ torch.set_num_threads(1)
 sizes, seq_len, micro = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 single = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def rss(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 def run(sizes, seq_len, micro, steps):
     config = Qwen2Config(**sizes, tie_word_embeddings=True, attn_implementation="sdpa")
@@ -56,9 +56,11 @@ def run(sizes, seq_len, micro, steps):
 
 run(dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1,
          num_key_value_heads=1), 64, 1, 2)
-base = rss()
+base = rss("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+    f.write("5")
 run(sizes, seq_len, micro, 2)
-print(json.dumps({"measured": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+print(json.dumps({"measured": rss("VmHWM:") - base}))
 """
 
 # states-dominated and activation-dominated (head_dim 64 both); micro-batches of 2 x micro sequences

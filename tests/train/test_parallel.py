@@ -237,6 +237,7 @@ def test_fsdp_equals_ddp_equals_one_process_on_union(two_ranks, case):
 def test_fsdp_holds_half_the_states_of_ddp_on_two_ranks(two_ranks):
     for rank in range(2):
         ddp, fsdp = two_ranks[rank]["ddp", "states"], two_ranks[rank]["fsdp", "states"]
+        print(f"rank {rank}: ddp {ddp}, fsdp {fsdp}, fsdp/ddp {sum(fsdp.values()) / sum(ddp.values()):.3f}")
         for kind in ("parameters", "gradients", "optimizer"):
             assert ddp[kind] > 0 and 0.45 < fsdp[kind] / ddp[kind] < 0.6, (rank, kind, ddp, fsdp)
 
