@@ -7,6 +7,8 @@ Examples::
     python -m rpg_train --preset rpg --set model.path=/models/Qwen2.5-Math-7B \\
         --set data.train_file=/data/dapo-math-17k.parquet --set data.eval_file=/data/aime24.jsonl
     python -m rpg_train --config runs/tiny/config.yaml --resume
+    python -m rpg_train --config runs/tiny/config.yaml --export   # newest checkpoint -> runs/tiny/final/
+    torchrun --nproc_per_node=2 -m rpg_train --preset tiny --set train.parallel=fsdp
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from rpg_train.config import PRESETS, build_config
+from rpg_train.config import PRESETS, Config, build_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,11 +37,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", help="output folder (train.out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument(
+        "--export",
+        action="store_true",
+        help="write the newest checkpoint in --out as a Hugging Face folder <out>/final/ and exit",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     if args.preset is None and args.config is None:
         parser.error("give --preset NAME or --config FILE.yaml (try --preset tiny)")
     return args
+
+
+def export_latest(cfg: Config) -> int:
+    """``--export``: the newest complete checkpoint of ``train.out_dir`` -> ``<out_dir>/final/``."""
+    from rpg_train import checkpoint
+    from rpg_train.export import export_checkpoint
+
+    latest = checkpoint.latest_checkpoint(cfg.train.out_dir)
+    if latest is None:
+        print(
+            f"rpg_train --export: no checkpoint under {checkpoint.checkpoint_dir(cfg.train.out_dir)}",
+            file=sys.stderr,
+        )
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer, also under torchrun
+        print(export_checkpoint(latest, Path(cfg.train.out_dir) / "final", dtype=cfg.train.export_dtype))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_yaml(), end="", flush=True)
     if args.print_config:
         return 0
+    if args.export:
+        return export_latest(cfg)
     import torch
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the progress bar readable (per-sync logs)

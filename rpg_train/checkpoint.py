@@ -1,59 +1,90 @@
-"""Atomic checkpoints and resume.
+"""Sharded, atomic checkpoints (``torch.distributed.checkpoint``) and what resume reads back.
 
-A checkpoint is one file ``<out>/checkpoints/step-XXXXXXXX.pt`` holding the model, optimizer and
-scheduler states, the step, the reference-policy state and, for every rank, its RNG states and data
-position. It is written to a temporary file in the same folder, flushed, fsync'ed and renamed, so a
-crash (even SIGKILL) at any moment leaves either the old set of checkpoints or the new one, never a
-torn file. Only rank 0 writes; all ranks read.
+One checkpoint is a folder ``<out>/checkpoints/step-XXXXXXXX/``:
+
+    .metadata, __<r>_0.distcp   DCP: the policy's weights and AdamW states, each rank writing its own shards
+                                (under DDP the replicated tensors are written once), and the frozen
+                                reference's weights when there is one
+    trainer.pt                  rank 0: the step, scheduler, reference counters, every rank's RNG states
+                                and data position, and the run's facts (ranks, parallel mode, model folder)
+    manifest.json               written last: the size of every file above
+
+Writing (collective): every rank writes into ``.step-XXXXXXXX.tmp/`` (DCP fsyncs its files), rank 0 adds
+``trainer.pt`` and the manifest, renames the folder (the commit) and prunes all but the newest ``keep``
+(renamed away before they are deleted). A crash at any moment, SIGKILL included, leaves every committed
+checkpoint as it was. `list_checkpoints` is the one place that decides which folders are complete
+checkpoints (name, manifest, every file's size), so a torn or truncated one is never picked.
+
+Reading: DCP loads a checkpoint written by any number of ranks, in either parallel mode, into this run's
+layout (it reshards). What each rank needs beyond that (its RNG states and data position) is in
+``trainer.pt``, indexed by rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import random
 import re
+import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^step-(\d{8})$")
+TRAINER_FILE, MANIFEST_FILE, DCP_METADATA = "trainer.pt", "manifest.json", ".metadata"
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _is_main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
 
 
 def gather_rank_states(rank_state: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's ``rank_state`` (a list indexed by rank; collective when distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return [rank_state]
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, rank_state)
     return states
 
 
-def _fsync_dir(path: Path) -> None:
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """DCP warns on every save/load without a process group that it assumes one process: we mean that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform
+    except OSError:  # directories cannot be opened on some platforms
         return
     try:
         os.fsync(fd)
@@ -61,39 +92,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _write_durably(path: Path, write: Any) -> None:
+    with open(path, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {
+        p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
+    }
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a committed checkpoint whose files are all there at their written sizes."""
+    path = Path(path)
+    if not (_NAME.match(path.name) and (path / MANIFEST_FILE).is_file()):
+        return False
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``state`` (holding every rank's part) as checkpoint ``step``; keep the newest ``keep``."""
-    folder = checkpoint_dir(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:08d}.pt"
-    atomic_torch_save({**state, "step": step}, path)
-    if keep > 0:
-        for old in list_checkpoints(out_dir)[:-keep]:
-            old.unlink(missing_ok=True)
-    return path
+        expected = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(expected, dict) or not {TRAINER_FILE, DCP_METADATA} <= set(expected):
+        return False
+    return all(
+        (path / name).is_file() and (path / name).stat().st_size == size for name, size in expected.items()
+    )
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temp files of an interrupted write are ignored)."""
+    """The complete checkpoints under ``out_dir``, oldest first (temporaries and torn ones left out)."""
     folder = checkpoint_dir(out_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _NAME.match(p.name)]
+    found = [p for p in folder.iterdir() if is_complete(p)]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
@@ -102,9 +135,110 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def _tensor_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, reference: nn.Module | None
+) -> dict[str, Any]:
+    """What DCP writes: the model's and optimizer's states keyed by parameter name (sharded under FSDP)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference)
+    return state
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder: renamed away first, so no half-deleted folder keeps a checkpoint's name."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    reference: nn.Module | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` (collective: every rank calls it) and keep the newest ``keep`` (0: all).
+
+    ``trainer_state``: rank 0's small state (anything ``torch.save`` takes); ``rank_state``: this rank's
+    (gathered into ``trainer.pt["ranks"]``); ``reference``: a frozen model to save beside the policy.
+    """
+    folder = checkpoint_dir(out_dir)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".{final.name}.tmp"
+    ranks = gather_rank_states(rank_state)
+    if _is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a write of this step that was interrupted
+    _barrier()
+    with _one_process_is_meant():
+        dcp.save(_tensor_state(model, optimizer, reference), checkpoint_id=tmp)
+    if _is_main():
+        trainer = {**trainer_state, "step": step, "ranks": ranks, "has_reference": reference is not None}
+        _write_durably(tmp / TRAINER_FILE, lambda handle: torch.save(trainer, handle))
+        manifest = json.dumps(_manifest(tmp), indent=1).encode()
+        _write_durably(tmp / MANIFEST_FILE, lambda handle: handle.write(manifest))
+        _fsync(tmp)
+        _remove(final)  # a same-step folder that was not complete, or the step saved again
+        os.replace(tmp, final)
+        _fsync(folder)
+        if keep > 0:
+            for old in list_checkpoints(out_dir)[:-keep]:
+                _remove(old)
+    _barrier()
+    return final
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """``trainer.pt`` of checkpoint ``path`` (step, scheduler, ranks' states, run facts, config)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # our own files: RNG states (numpy arrays, python tuples) need the full unpickler
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if not is_complete(path):
+        raise FileNotFoundError(f"no complete checkpoint at {path}")
+    # our own file: RNG states (numpy arrays, python tuples) need the full unpickler
+    return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    reference: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Load checkpoint ``path`` into ``model``, ``optimizer`` (and ``reference``), resharding as needed
+    (collective); returns its ``trainer.pt`` state."""
+    trainer = read_trainer_state(path)
+    if (reference is not None) != trainer.get("has_reference", False):
+        saved = "a" if trainer.get("has_reference") else "no"
+        wanted = "needs one" if reference is not None else "has none"
+        raise ValueError(
+            f"{path}: the checkpoint holds {saved} frozen reference model and this run {wanted}; "
+            "resume with the algo.ref_update it was written with"
+        )
+    state = _tensor_state(model, optimizer, reference)
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if reference is not None:
+        set_model_state_dict(reference, state["reference"])
+    return trainer
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> None:
+    """Load only the policy's weights of checkpoint ``path`` into an unsharded ``model`` in this process
+    (no process group needed: e.g. for the Hugging Face export)."""
+    if not is_complete(path):
+        raise FileNotFoundError(f"no complete checkpoint at {path}")
+    state = {"model": model.state_dict()}
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state["model"])

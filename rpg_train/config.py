@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+PARALLEL_MODES = ("ddp", "fsdp")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass
 class ModelConfig:
@@ -46,7 +49,7 @@ class RolloutConfig:
     max_model_len: int = 8192
     temperature: float = 1.0
     gpu_memory_utilization: float = 0.5
-    sleep_between_steps: bool = True  # vLLM sleep mode while the trainer works (GPU only)
+    sleep_between_steps: bool = True  # vLLM sleep mode (weights to CPU, KV cache freed) while training (GPU)
 
 
 @dataclass
@@ -88,6 +91,12 @@ class TrainConfig:
     checkpoint_every: int = 50  # rollout steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # ddp (every rank holds all states) | fsdp (FSDP2: states sharded over the ranks)
+    fsdp_offload: bool = False  # fsdp only: parameters, gradients and optimizer states in CPU memory
+    export: bool = True  # write out_dir/final/, a Hugging Face folder of the final policy
+    export_dtype: str = (
+        "auto"  # auto (bfloat16 after a CUDA run, else float32) | float32 | bfloat16 | float16
+    )
     out_dir: str = "runs/rpg"
     progress: bool = True
 
@@ -121,8 +130,14 @@ _PAPER_MATH = {  # RPG paper, Qwen-2.5 math runs (DAPO-Math-17k): GPU, user-give
         "loss_overrides": {"kl": "urkl", "beta": 1e-4, "eps_low": 0.2, "eps_high": 0.28, "clip_c": 10.0},
     },
     "optim": {"lr": 1e-6, "weight_decay": 0.1, "grad_clip": 1.0, "warmup_steps": 10},
-    "model": {"dtype": "float32", "gradient_checkpointing": True},  # fp32 master weights, bf16 autocast
-    "train": {"prompts_per_step": 512, "mini_batch_prompts": 32, "micro_batch_seqs": 4, "eval_every": 20},
+    "model": {"dtype": "float32", "gradient_checkpointing": True},  # fp32 master weights, bf16 compute
+    "train": {
+        "prompts_per_step": 512,
+        "mini_batch_prompts": 32,
+        "micro_batch_seqs": 4,
+        "eval_every": 20,
+        "parallel": "fsdp",  # 16 bytes of states per parameter do not fit an 80 GB GPU for 4B+ models
+    },
 }
 
 
@@ -323,6 +338,12 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"rollout.backend must be auto, vllm or hf; got {r.backend!r}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be auto, cpu or cuda; got {t.device!r}")
+    if t.parallel not in PARALLEL_MODES:
+        raise ValueError(f"train.parallel must be one of {PARALLEL_MODES}; got {t.parallel!r}")
+    if t.fsdp_offload and t.parallel != "fsdp":
+        raise ValueError(f"train.fsdp_offload needs train.parallel=fsdp; got train.parallel={t.parallel!r}")
+    if t.export_dtype not in EXPORT_DTYPES:
+        raise ValueError(f"train.export_dtype must be one of {EXPORT_DTYPES}; got {t.export_dtype!r}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"model.dtype must be auto, float32 or bfloat16; got {cfg.model.dtype!r}")
     if (cfg.model.path is None) != (cfg.data.train_file is None):

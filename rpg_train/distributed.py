@@ -32,8 +32,11 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Initialise the process group if launched by ``torchrun``; pick this rank's device."""
+def setup(device: str = "auto", *, group_for_one_rank: bool = False) -> DistInfo:
+    """Initialise the process group if launched by ``torchrun``; pick this rank's device.
+
+    ``group_for_one_rank``: also give a single process a (one-rank) group, for what needs one (FSDP).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,8 +49,12 @@ def setup(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     global _OWN_GROUP
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if (world_size > 1 or group_for_one_rank) and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if world_size > 1:
+            dist.init_process_group(backend=backend)
+        else:  # no torchrun rendezvous: an in-process store
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         _OWN_GROUP = True
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
@@ -68,6 +75,15 @@ def all_reduce_sum(value: float | torch.Tensor, info: DistInfo) -> float:
         tensor = tensor.to(info.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor.item())
+
+
+def all_reduce_sums(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise sums of ``values`` over ranks, in one collective call."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if info.enabled:
+        tensor = tensor.to(info.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
 
 
 def reduce_metrics(sums: dict[str, float], counts: dict[str, float], info: DistInfo) -> dict[str, float]:

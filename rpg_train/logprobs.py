@@ -1,5 +1,7 @@
 """Old/reference/current log-probs and the policy loss through the fused kernels: never ``[N, V]`` logits.
 
+`PolicyLoss` holds the causal LM and computes both; it is the module DDP wraps and FSDP shards.
+
 Sequences are ``prompt + completion`` right-padded to ``S``. With ``K = S - shortest prompt``, the last ``K``
 positions hold every completion token of the batch, so one backbone pass with ``logits_to_keep = K`` gives
 ``[B, K, H]`` hidden states whose row ``k`` predicts token ``S-K+k``; ``mask`` marks the completion tokens
@@ -13,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 import rpg_kernels as rk
-from rpg_kernels.integrations.hf import completion_hidden_states, lm_head_params, run_inside_forward
+from rpg_kernels.integrations.hf import completion_hidden_states, lm_head_params
 
 IGNORE_INDEX = -100
 
@@ -88,68 +91,57 @@ def autocast_context(device: torch.device, enabled: bool) -> contextlib.Abstract
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def sequence_logprobs(
-    model: nn.Module,
-    batch: SequenceBatch,
-    *,
-    micro_batch: int,
-    temperature: float = 1.0,
-    backend: str = "auto",
-    bf16: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs and entropies ``[B, K]`` (float32) of ``batch.targets`` under ``model``.
+class PolicyLoss(nn.Module):
+    """A causal LM and the fused loss as one module: what DDP wraps and FSDP2 shards (as the root).
 
-    Runs in micro-batches of ``micro_batch`` sequences; the result lives on ``batch``'s device.
-    """
-    weight, bias = lm_head_params(model)
-    logprobs = torch.zeros(batch.targets.shape, dtype=torch.float32, device=batch.targets.device)
-    entropy = torch.zeros_like(logprobs)
-    for start in range(0, len(batch), micro_batch):
-        rows = slice(start, start + micro_batch)
-        part = batch.select(rows)
-        with autocast_context(part.input_ids.device, bf16):
-            hidden = completion_hidden_states(model, part.input_ids, part.attention_mask, part.logits_to_keep)
-            logp, ent = rk.fused_linear_logprobs(
-                hidden,
-                weight,
-                part.targets,
-                bias=bias,
-                temperature=temperature,
-                return_entropy=True,
-                backend=backend,
-            )
-        keep = part.logits_to_keep
-        logprobs[rows, :keep] = logp.float()
-        entropy[rows, :keep] = ent.float()
-    return logprobs * batch.mask, entropy * batch.mask
-
-
-def policy_loss(
-    model: nn.Module,
-    batch: SequenceBatch,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    ref_logprobs: Tensor | None,
-    config: rk.LossConfig,
-    *,
-    num_items: float | None,
-    temperature: float = 1.0,
-    entropy_coef: float = 0.0,
-    backend: str = "auto",
-    bf16: bool = False,
-) -> tuple[Tensor, dict]:
-    """The fused RPG loss of one micro-batch (differentiable in ``model``'s parameters).
-
-    ``model`` may be wrapped (DDP): backbone and fused loss run inside its forward so that gradients sync.
-    ``old_logprobs``/``ref_logprobs`` are ``[B, K]`` aligned with ``batch.targets``; ``advantages`` ``[B]``
-    or ``[B, K]``; ``num_items`` is the global normaliser (see ``rpg_kernels.loss``).
+    ``forward`` runs the backbone and `rpg_kernels.fused.fused_linear_rpg_loss` in one forward call, so the
+    wrapper's hooks run around both: DDP's gradient sync, and FSDP's all-gather of the root's own parameters
+    (embedding, final norm, LM head; tied or not), which is why the head's weight is read inside it.
+    ``logprobs`` is its no-gradient twin (`rpg_train.parallel` registers it with FSDP as a forward method).
+    Without a ``loss_config`` (a frozen reference) only ``logprobs`` is available.
     """
 
-    def loss_fn(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, dict]:
-        weight, bias = lm_head_params(model)
-        with autocast_context(input_ids.device, bf16):
-            hidden = completion_hidden_states(model, input_ids, attention_mask, batch.logits_to_keep)
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_config: rk.LossConfig | None = None,
+        *,
+        temperature: float = 1.0,
+        entropy_coef: float = 0.0,
+        backend: str = "auto",
+        bf16: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model  # a transformers *ForCausalLM
+        self.loss_config, self.temperature, self.entropy_coef = loss_config, temperature, entropy_coef
+        self.backend, self.bf16 = backend, bf16
+
+    def _head_inputs(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(hidden [B, K, H], head weight [V, H], head bias [V] | None)`` of ``batch``."""
+        weight, bias = lm_head_params(self.model)
+        hidden = completion_hidden_states(
+            self.model, batch.input_ids, batch.attention_mask, batch.logits_to_keep
+        )
+        return hidden, weight, bias
+
+    def forward(
+        self,
+        batch: SequenceBatch,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        ref_logprobs: Tensor | None = None,
+        *,
+        num_items: float | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one micro-batch (0-d, differentiable) and its metrics (0-d tensors, not synced).
+
+        ``old_logprobs``/``ref_logprobs`` ``[B, K]`` float32 aligned with ``batch.targets``; ``advantages``
+        ``[B]`` or ``[B, K]``; ``num_items`` the global normaliser (see ``rpg_kernels.loss``).
+        """
+        if self.loss_config is None:
+            raise RuntimeError("this PolicyLoss has no loss_config: it computes log-probs only")
+        with autocast_context(batch.input_ids.device, self.bf16):
+            hidden, weight, bias = self._head_inputs(batch)
             return rk.fused_linear_rpg_loss(
                 hidden,
                 weight,
@@ -158,12 +150,50 @@ def policy_loss(
                 advantages,
                 batch.mask,
                 ref_logprobs=ref_logprobs,
-                config=config,
-                temperature=temperature,
+                config=self.loss_config,
+                temperature=self.temperature,
                 bias=bias,
-                entropy_coef=entropy_coef,
+                entropy_coef=self.entropy_coef,
                 num_items=num_items,
-                backend=backend,
+                backend=self.backend,
             )
 
-    return run_inside_forward(model, loss_fn, batch.input_ids, batch.attention_mask)
+    def logprobs(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs and entropies ``[B, K]`` of ``batch.targets`` (in the compute dtype)."""
+        with autocast_context(batch.input_ids.device, self.bf16):
+            hidden, weight, bias = self._head_inputs(batch)
+            return rk.fused_linear_logprobs(
+                hidden,
+                weight,
+                batch.targets,
+                bias=bias,
+                temperature=self.temperature,
+                return_entropy=True,
+                backend=self.backend,
+            )
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    policy: PolicyLoss, batch: SequenceBatch, *, micro_batch: int, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs and entropies ``[B, K]`` (float32, on ``device``) of ``batch.targets``.
+
+    ``batch`` may stay on the CPU: each micro-batch of ``micro_batch`` sequences is trimmed there (no device
+    sync) and then moved to ``device`` (default: ``batch``'s). Under FSDP the root's parameters, which a
+    no-gradient pass leaves gathered (no backward frees them), are freed at the end.
+    """
+    device = batch.targets.device if device is None else device
+    logprobs = torch.zeros(batch.targets.shape, dtype=torch.float32, device=device)
+    entropy = torch.zeros_like(logprobs)
+    for start in range(0, len(batch), micro_batch):
+        rows = slice(start, start + micro_batch)
+        part = batch.select(rows).to(device)
+        logp, ent = policy.logprobs(part)
+        keep = part.logits_to_keep
+        logprobs[rows, :keep] = logp.float()
+        entropy[rows, :keep] = ent.float()
+    if isinstance(policy, FSDPModule):
+        policy.reshard()
+    mask = batch.mask.to(device)
+    return logprobs * mask, entropy * mask

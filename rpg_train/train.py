@@ -1,10 +1,27 @@
-"""The RL loop, top to bottom: rollout -> reward -> advantage -> old/ref log-probs -> loss -> step -> sync.
+"""The RL loop: rollout -> reward -> advantage -> old/ref log-probs -> loss -> optimizer step -> weight sync.
 
-One rollout step ("step") samples ``prompts_per_step`` prompts (split over ranks), ``group_size``
-completions each, scores them, and then takes ``prompts_per_step / mini_batch_prompts`` optimizer steps
-over mini-batches of the rollouts, each accumulated over micro-batches of ``micro_batch_seqs`` sequences.
-Log-probs of the old (sampling) policy come from the trainer's own model through the fused kernel (never
-logits); with the default iterative reference they are also the reference (``ref_logprobs=None``).
+`train` reads top to bottom, in this order:
+
+1. ranks, seeds, output folder;
+2. the task (`load_task`): model folder, tokenizer, prompts sharded by rank, reward function;
+3. the policy (`build_policy`): the causal LM inside a `PolicyLoss`, wrapped by DDP or sharded by FSDP2
+   (`rpg_train.parallel`), AdamW and its warm-up schedule, the reference policy;
+4. resume from the newest complete checkpoint (`resume_from`);
+5. the rollout engine, which holds its own copy of the weights, synced in memory after every step;
+6. the steps: `train_step` (rollouts -> rewards -> old and reference log-probs -> advantages ->
+   `update_policy`, whose optimizer steps accumulate `forward_backward_step` over micro-batches -> weight
+   sync), then metrics, evaluation and checkpoint;
+7. the summary and plot and the Hugging Face export ``out_dir/final/``; last (also after an error) the engine,
+   the reward pool and the process group are closed.
+
+One rollout step samples ``prompts_per_step`` prompts (split over ranks), ``group_size`` completions each,
+scores them, and then takes ``prompts_per_step / mini_batch_prompts`` optimizer steps over mini-batches of the
+rollouts, each accumulated over micro-batches of ``micro_batch_seqs`` sequences. Log-probs of the old
+(sampling) policy come from the trainer's own model through the fused kernel (never logits); with the default
+iterative reference they are also the reference (``ref_logprobs=None``).
+
+Host syncs are deliberate: once per optimizer step (the finiteness check that guards the update), once per
+rollout step for the metrics, and where a collective needs a number (normalisers, evaluation).
 
 Run ``python -m rpg_train --preset tiny`` (CPU demo) or see docs/TRAINING.md for GPU runs.
 """
@@ -14,24 +31,24 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor, nn
 
 import rpg_kernels as rk
-from rpg_train import checkpoint, distributed
+from rpg_train import checkpoint, distributed, parallel
 from rpg_train.config import Config
-from rpg_train.logprobs import SequenceBatch, build_batch, policy_loss, sequence_logprobs
+from rpg_train.logprobs import PolicyLoss, SequenceBatch, build_batch, sequence_logprobs
 from rpg_train.metrics import MetricsLog, ProgressBar, plot_metrics, read_metrics, summarize
 from rpg_train.reference import ReferencePolicy
+from rpg_train.seeds import derive_seed, rng_state, seed_everything, set_rng_state
 
 if TYPE_CHECKING:
+    from rpg_train.data import Prompt
     from rpg_train.rewards import RewardFn
     from rpg_train.rollout import RolloutEngine
 
@@ -40,6 +57,10 @@ LOSS_METRICS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "clip_frac
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the run stopped before the optimizer applied it."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the task: model folder, prompts, reward
 
 
 @dataclass
@@ -80,10 +101,14 @@ class PromptSampler:
         if not prompts:
             raise ValueError("data.train_file: no prompts for this rank after sharding")
         self.prompts, self.seed, self.rank, self.position = prompts, seed, rank, 0
+        self._epoch, self._permutation = -1, []
 
     def _order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch * 1_009 + self.rank)
-        return torch.randperm(len(self.prompts), generator=generator).tolist()
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "prompts", epoch, self.rank))
+            self._epoch = epoch
+            self._permutation = torch.randperm(len(self.prompts), generator=generator).tolist()
+        return self._permutation
 
     def take(self, count: int) -> list:
         out = []
@@ -92,6 +117,45 @@ class PromptSampler:
             out.append(self.prompts[self._order(epoch)[index]])
             self.position += 1
         return out
+
+
+@dataclass
+class Task:
+    """What the run learns from: the model folder it starts from, this rank's prompts, the verifier."""
+
+    model_dir: Path
+    pad_id: int
+    sampler: PromptSampler
+    eval_prompts: list[Prompt]
+    reward_fn: RewardFn
+
+
+def load_task(cfg: Config, info: distributed.DistInfo) -> Task:
+    """The model folder, this rank's train/eval prompts (tokenised, sharded) and the reward function."""
+    from transformers import AutoTokenizer
+
+    from rpg_train.data import load_prompts, shard
+    from rpg_train.rewards import make_reward_fn
+
+    assets = resolve_assets(cfg, info)
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data_kw = dict(
+        prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key, chat_template=cfg.data.chat_template
+    )
+    train_prompts = shard(load_prompts(assets.train_file, tokenizer, **data_kw), info.rank, info.world_size)
+    eval_prompts = []
+    if assets.eval_file is not None and cfg.train.eval_every > 0:
+        eval_prompts = load_prompts(assets.eval_file, tokenizer, **data_kw)[: cfg.train.eval_max_prompts]
+        eval_prompts = shard(eval_prompts, info.rank, info.world_size)
+    reward_kw = {"overlong_buffer": cfg.data.overlong_buffer} if cfg.data.overlong_buffer else {}
+    return Task(
+        model_dir=assets.model_dir,
+        pad_id=pad_id,
+        sampler=PromptSampler(train_prompts, cfg.train.seed, info.rank),
+        eval_prompts=eval_prompts,
+        reward_fn=make_reward_fn(assets.reward_name, **reward_kw),
+    )
 
 
 @dataclass
@@ -201,14 +265,150 @@ def evaluate(
     )
 
 
-def global_num_items(agg: str, mask: torch.Tensor, info: distributed.DistInfo) -> float:
-    """This rank's ``num_items`` for a mini-batch: the global normaliser / world_size (DDP averages grads).
+# ---------------------------------------------------------------------------------------------------------
+# the policy: model + fused loss, DDP or FSDP, optimizer, schedule, reference
+
+
+@dataclass
+class Policy:
+    """The trained policy and everything its checkpoint holds."""
+
+    model: nn.Module  # the transformers causal LM (its parameters sharded in place under fsdp)
+    loss: PolicyLoss  # model + fused loss: the root FSDP shards (and what log-probs are computed with)
+    module: nn.Module  # what the loss's forward is called on: DDP(loss), or loss itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    reference: ReferencePolicy
+
+
+def build_policy(cfg: Config, info: distributed.DistInfo, model_dir: Path) -> Policy:
+    """The causal LM from ``model_dir`` inside a `PolicyLoss`, parallelised by ``train.parallel``, with AdamW
+    (over the shards under fsdp), the linear warm-up schedule and the reference policy."""
+    from transformers import AutoModelForCausalLM
+
+    on_gpu = info.device.type == "cuda"
+    bf16 = cfg.model.autocast_bf16 and on_gpu
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if cfg.train.parallel == "ddp":  # fsdp moves each group's shards to the device as it shards them
+        model.to(info.device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    backend = cfg.algo.loss_backend if cfg.algo.loss_backend != "auto" else ("triton" if on_gpu else "torch")
+    head = dict(temperature=cfg.rollout.temperature, backend=backend, bf16=bf16)
+    shard = dict(mode=cfg.train.parallel, info=info, bf16=bf16, offload=cfg.train.fsdp_offload)
+    algo = cfg.algo
+    reference = ReferencePolicy(  # copies the model before it is sharded
+        model,
+        algo.ref_update,
+        algo.ref_update_k,
+        algo.ref_kl_threshold,
+        algo.ref_kl_ema,
+        wrap=lambda frozen: parallel.parallelize(PolicyLoss(frozen, **head), trainable=False, **shard),
+    )
+    loss_config = rk.LossConfig.preset(algo.loss, **algo.loss_overrides)
+    loss = PolicyLoss(model, loss_config, entropy_coef=algo.entropy_coef, **head)
+    module = parallel.parallelize(loss, **shard)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
+    )
+    warmup = max(1, cfg.optim.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return Policy(model, loss, module, optimizer, scheduler, reference)
+
+
+def save_checkpoint(cfg: Config, info: distributed.DistInfo, policy: Policy, task: Task, step: int) -> Path:
+    """Checkpoint ``step`` of the run (collective); see `rpg_train.checkpoint`."""
+    trainer_state = {
+        "scheduler": policy.scheduler.state_dict(),
+        "reference": policy.reference.state_dict(),
+        "config": cfg.to_dict(),
+        "model_dir": str(task.model_dir),
+        "world_size": info.world_size,
+        "parallel": cfg.train.parallel,
+        "device_type": info.device.type,
+    }
+    return checkpoint.save_checkpoint(
+        cfg.train.out_dir,
+        step,
+        model=policy.model,
+        optimizer=policy.optimizer,
+        reference=policy.reference.model,
+        trainer_state=trainer_state,
+        rank_state={"rng": rng_state(), "data_position": task.sampler.position},
+        keep=cfg.train.keep_checkpoints,
+    )
+
+
+def resume_from(cfg: Config, info: distributed.DistInfo, policy: Policy, task: Task) -> int:
+    """Load the newest complete checkpoint of ``train.out_dir`` (if any); returns its step (0 if none).
+
+    With the number of ranks it was written by, the run continues exactly as if uninterrupted (every rank
+    gets back its RNG states and data position). With another, DCP reshards the weights and optimizer
+    states, and the prompt order and random streams restart from derived seeds (announced).
+    """
+    path = checkpoint.latest_checkpoint(cfg.train.out_dir)
+    if path is None:
+        if info.is_main:
+            print(
+                f"--resume: no checkpoint under {checkpoint.checkpoint_dir(cfg.train.out_dir)}; from step 0"
+            )
+        return 0
+    trainer = checkpoint.load_checkpoint(
+        path, model=policy.model, optimizer=policy.optimizer, reference=policy.reference.model
+    )
+    policy.scheduler.load_state_dict(trainer["scheduler"])
+    policy.reference.load_state_dict(trainer["reference"])
+    ranks = trainer["ranks"]
+    if len(ranks) == info.world_size:
+        set_rng_state(ranks[info.rank]["rng"])
+        task.sampler.position = ranks[info.rank]["data_position"]
+    else:
+        if info.is_main:
+            print(
+                f"--resume: {path} was written by {len(ranks)} ranks, this run has {info.world_size}: "
+                "weights and optimizer states resharded; prompt order and random streams differ from an "
+                "uninterrupted run"
+            )
+        task.sampler.position = sum(r["data_position"] for r in ranks) // info.world_size
+        seed_everything(derive_seed(cfg.train.seed, "resharded", trainer["step"], info.rank))
+    return trainer["step"]
+
+
+def make_engine(cfg: Config, info: distributed.DistInfo, task: Task, policy: Policy) -> RolloutEngine:
+    """This rank's rollout engine (vLLM, or the transformers fallback) for the run's model."""
+    from rpg_train.rollout import make_rollout_engine
+
+    return make_rollout_engine(
+        task.model_dir,
+        backend=cfg.rollout.backend,
+        dtype="bfloat16" if info.device.type == "cuda" else "float32",
+        max_model_len=cfg.rollout.max_model_len,
+        seed=derive_seed(cfg.train.seed, "engine", info.rank),
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        sleep_mode=cfg.rollout.sleep_between_steps,
+        # the hf engine samples with the trainer's module itself when it is whole; vLLM loads model_dir
+        model=None if parallel.is_sharded(policy.model) else policy.model,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one rollout step
+
+
+def mini_batch_num_items(
+    agg: str, mask: Tensor, mini_batches: list[slice], info: distributed.DistInfo
+) -> list[float]:
+    """Each mini-batch's ``num_items`` on this rank: the global normaliser / world_size (DDP and FSDP
+    average gradients over ranks), for all mini-batches in one collective.
 
     Token count for ``token-mean``; sequence count for the ``seq-mean-*`` modes. For
     ``seq-mean-token-sum-norm`` the per-micro-batch token dim is folded in later (see ``micro_num_items``).
     """
-    local = float(mask.sum()) if agg == "token-mean" else float((mask.sum(1) > 0).sum())
-    return distributed.all_reduce_sum(local, info) / info.world_size
+    per_row = mask.sum(1) if agg == "token-mean" else (mask.sum(1) > 0).float()
+    local = [float(per_row[rows].sum()) for rows in mini_batches]  # a CPU mask: no device sync
+    return [total / info.world_size for total in distributed.all_reduce_sums(local, info)]
 
 
 def micro_num_items(agg: str, num_items: float, micro: SequenceBatch, max_tokens: int) -> float:
@@ -216,6 +416,25 @@ def micro_num_items(agg: str, num_items: float, micro: SequenceBatch, max_tokens
     if agg == "seq-mean-token-sum-norm":
         return num_items * max_tokens / micro.logits_to_keep
     return num_items
+
+
+def forward_backward_step(
+    module: nn.Module,
+    micro: SequenceBatch,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    ref_logprobs: Tensor | None,
+    *,
+    num_items: float,
+    sync: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward and backward of one micro-batch: the loss is computed inside ``module``'s forward (DDP's or
+    FSDP's hooks run around it); ``sync`` on the mini-batch's last micro-batch. Returns the detached loss
+    and the loss metrics (device tensors: no host sync here)."""
+    with parallel.grad_sync(module, sync):
+        loss, metrics = module(micro, old_logprobs, advantages, ref_logprobs, num_items=num_items)
+        loss.backward()
+    return loss.detach(), metrics
 
 
 @dataclass
@@ -227,348 +446,263 @@ class UpdateStats:
 
 
 def update_policy(
-    policy: torch.nn.Module,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    reference: ReferencePolicy,
-    loss_config: rk.LossConfig,
+    policy: Policy,
     cfg: Config,
     info: distributed.DistInfo,
     batch: SequenceBatch,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    *,
-    backend: str = "auto",
-    bf16: bool = False,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    advantages: Tensor,
 ) -> UpdateStats:
     """Optimizer steps over this rank's rollouts: ``mini_batch_prompts / world`` groups per step.
 
-    Each mini-batch's gradient is accumulated over micro-batches of ``micro_batch_seqs`` sequences, with the
-    GLOBAL normaliser (all ranks' tokens) so that DDP's gradient average equals the full-batch gradient.
-    ``policy`` is ``model`` or its DDP wrapper. A non-finite loss or gradient raises before the step.
+    ``batch`` stays on the CPU (micro-batches are cut there and moved); ``old_logprobs``, ``ref_logprobs``
+    ``[B, K]`` and ``advantages`` ``[B]`` or ``[B, K]`` live on the device. Each mini-batch's gradient is
+    accumulated over micro-batches of ``micro_batch_seqs`` sequences, with the GLOBAL normaliser (all ranks'
+    tokens) so that the ranks' gradient average equals the full-batch gradient. A non-finite loss or
+    gradient raises `TrainingDiverged` before the step is applied.
     """
-    group_size, world = cfg.rollout.group_size, info.world_size
-    rows_per_step = cfg.train.mini_batch_prompts // world * group_size
-    sums: dict[str, float] = {}
-    tokens = loss_total = 0.0
-    grad_norm = torch.zeros(())
-    mini_starts = range(0, len(batch), rows_per_step)
-    for mini_start in mini_starts:
-        rows = torch.arange(mini_start, min(mini_start + rows_per_step, len(batch)))
-        num_items = global_num_items(loss_config.agg, batch.mask[rows], info)
-        micro_starts = range(0, len(rows), cfg.train.micro_batch_seqs)
-        finite = True
-        for start in micro_starts:
-            micro_rows = rows[start : start + cfg.train.micro_batch_seqs]
+    device, agg = old_logprobs.device, policy.loss.loss_config.agg
+    rows_per_step = cfg.train.mini_batch_prompts // info.world_size * cfg.rollout.group_size
+    mini_batches = [slice(s, min(s + rows_per_step, len(batch))) for s in range(0, len(batch), rows_per_step)]
+    sums: dict[str, Tensor] = {}
+    tokens, loss_total = 0.0, torch.zeros((), device=device)
+    for rows, num_items in zip(mini_batches, mini_batch_num_items(agg, batch.mask, mini_batches, info)):
+        step_loss = torch.zeros((), device=device)
+        starts = range(rows.start, rows.stop, cfg.train.micro_batch_seqs)
+        for start in starts:
+            micro_rows = slice(start, min(start + cfg.train.micro_batch_seqs, rows.stop))
             micro = batch.select(micro_rows)
             width = micro.logits_to_keep
-            last = start == micro_starts[-1]
-            # DDP all-reduces gradients on the last micro-batch's backward only
-            with contextlib.nullcontext() if last or not info.enabled else policy.no_sync():
-                loss, metrics = policy_loss(
-                    policy,
-                    micro,
-                    old_logprobs[micro_rows, :width],
-                    advantages[micro_rows],
-                    None if ref_logprobs is None else ref_logprobs[micro_rows, :width],
-                    loss_config,
-                    num_items=micro_num_items(loss_config.agg, num_items, micro, cfg.rollout.max_tokens),
-                    temperature=cfg.rollout.temperature,
-                    entropy_coef=cfg.algo.entropy_coef,
-                    backend=backend,
-                    bf16=bf16,
-                )
-                loss.backward()
-            finite &= bool(torch.isfinite(loss.detach()))
-            micro_tokens = float(micro.mask.sum())
+            loss, metrics = forward_backward_step(
+                policy.module,
+                micro.to(device),
+                old_logprobs[micro_rows, :width],
+                advantages[micro_rows],
+                None if ref_logprobs is None else ref_logprobs[micro_rows, :width],
+                num_items=micro_num_items(agg, num_items, micro, cfg.rollout.max_tokens),
+                sync=start == starts[-1],
+            )
+            step_loss += loss
+            micro_tokens = float(micro.mask.sum())  # the CPU mask: no device sync
             tokens += micro_tokens
-            loss_total += float(loss.detach())
             for key in LOSS_METRICS:
                 if key in metrics:
-                    sums[key] = sums.get(key, 0.0) + float(metrics[key]) * micro_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        if distributed.broadcast_flag(not (finite and bool(torch.isfinite(grad_norm))), info):
-            optimizer.zero_grad(set_to_none=True)
+                    sums[key] = sums.get(key, 0.0) + metrics[key].detach() * micro_tokens
+        grad_norm = parallel.clip_grad_norm_(policy.model.parameters(), cfg.optim.grad_clip)
+        # host sync, once per optimizer step: a non-finite loss or gradient on any rank must not be applied
+        finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+        if distributed.broadcast_flag(not finite, info):
+            policy.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
-                f"non-finite {'loss' if not finite else 'gradient norm'} (loss {float(loss.detach()):.4g}, "
-                f"grad norm {float(grad_norm):.4g}); the update was not applied."
-                " Lower optim.lr or check the data."
+                f"non-finite {'gradient norm' if math.isfinite(float(step_loss)) else 'loss'} "
+                f"(loss {float(step_loss):.4g}, grad norm {float(grad_norm):.4g}); the update was not "
+                "applied. Lower optim.lr or check the data."
             )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_kl = distributed.reduce_metrics({"kl": sums.get("kl", 0.0)}, {"kl": tokens}, info).get("kl", 0.0)
-        reference.after_optimizer_step(model, step_kl)
+        policy.optimizer.step()
+        policy.scheduler.step()
+        policy.optimizer.zero_grad(set_to_none=True)
+        loss_total += step_loss
+        step_kl = None
+        if policy.reference.needs_kl:  # a host sync and a collective only for the kl_threshold rule
+            step_kl = distributed.reduce_metrics({"kl": float(sums.get("kl", 0.0))}, {"kl": tokens}, info)
+            step_kl = step_kl.get("kl", 0.0)
+        policy.reference.after_optimizer_step(policy.model, step_kl)
     # the per-rank losses sum to world_size x the global loss (num_items is global / world_size)
-    loss = distributed.all_reduce_sum(loss_total, info) / world / len(mini_starts)
-    return UpdateStats(loss=loss, grad_norm=float(grad_norm), sums=sums, tokens=tokens)
+    loss = distributed.all_reduce_sum(float(loss_total), info) / info.world_size / len(mini_batches)
+    return UpdateStats(loss, float(grad_norm), {k: float(v) for k, v in sums.items()}, tokens)
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def compute_advantages(
+    cfg: Config, rewards: Tensor, mask: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None
+) -> Tensor:
+    """rpg: reward minus its group's mean (no std division); reinforce_pp: token returns with the KL in
+    the reward; the other estimators of `rpg_kernels.compute_advantages` by name."""
+    if cfg.algo.advantage == "reinforce_pp":
+        return rk.compute_advantages(
+            "reinforce_pp",
+            rewards,
+            cfg.rollout.group_size,
+            mask=mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=old_logprobs if ref_logprobs is None else ref_logprobs,
+            beta_kl=cfg.algo.reward_kl_beta,
+        )
+    return rk.compute_advantages(cfg.algo.advantage, rewards, cfg.rollout.group_size)
 
 
-def train(cfg: Config, *, resume: bool = False, engine: RolloutEngine | None = None) -> dict[str, Any]:
-    """Run the configured training; returns the final summary. ``engine`` overrides the rollout engine."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def train_step(
+    cfg: Config,
+    info: distributed.DistInfo,
+    policy: Policy,
+    engine: RolloutEngine,
+    task: Task,
+    step: int,
+) -> dict[str, Any]:
+    """One rollout step, the optimizer steps it feeds and the weight sync; returns its metrics record
+    (reduced over ranks). Raises `TrainingDiverged` before applying a non-finite update."""
+    step_start = time.perf_counter()
 
-    from rpg_train.data import load_prompts, shard
-    from rpg_train.rewards import make_reward_fn
-    from rpg_train.rollout import VLLMEngine, make_rollout_engine
+    # rollouts from the engine, scored by the verifier (dynamic sampling drops all-equal groups)
+    engine.wake()
+    groups = cfg.train.prompts_per_step // info.world_size
+    seed = derive_seed(cfg.train.seed, "rollout", step, info.rank)
+    rollouts, stats = collect_rollouts(engine, task.sampler, task.reward_fn, cfg, groups, seed)
+    engine.sleep()
+    rollout_time = time.perf_counter() - step_start
 
-    # ---- set-up: ranks, seeds, output folder --------------------------------------------------------
-    info = distributed.setup(cfg.train.device)
-    world = info.world_size
+    # old (= sampling policy) log-probs from the trainer's model, and the reference's if it is separate
+    batch = build_batch(rollouts.prompt_ids, rollouts.completion_ids, task.pad_id)  # CPU; moved per micro
+    micro, device = cfg.train.micro_batch_seqs, info.device
+    policy.loss.eval()
+    old_logprobs, entropy = sequence_logprobs(policy.loss, batch, micro_batch=micro, device=device)
+    ref_logprobs = None
+    if not policy.reference.is_old_policy:
+        ref_logprobs, _ = sequence_logprobs(policy.reference.model, batch, micro_batch=micro, device=device)
+    policy.loss.train()
+
+    # advantages, then optimizer steps over mini-batches, gradients accumulated over micro-batches
+    rewards, mask = rollouts.rewards.to(device), batch.mask.to(device)
+    advantages = compute_advantages(cfg, rewards, mask, old_logprobs, ref_logprobs)
+    update = update_policy(policy, cfg, info, batch, old_logprobs, ref_logprobs, advantages)
+
+    # push the new weights to the rollout engine (in memory; gathered one parameter at a time under fsdp)
+    engine.wake()
+    engine.sync_weights(policy.model)
+    engine.sleep()
+
+    # metrics, reduced over ranks (the step's host sync)
+    step_time = time.perf_counter() - step_start
+    tokens = float(batch.mask.sum())
+    sums = {
+        "reward": float(rollouts.rewards.sum()),
+        "accuracy": float(is_correct(rollouts.rewards).sum()),
+        "response_length": tokens,
+        "entropy": float((entropy * mask).sum()),
+        **update.sums,
+        **stats,
+    }
+    counts = {
+        "reward": len(rewards),
+        "accuracy": len(rewards),
+        "response_length": len(rewards),
+        "entropy": tokens,
+        **{k: update.tokens for k in update.sums},
+        **{k: 1.0 for k in stats},
+    }
+    record = {"step": step + 1, **distributed.reduce_metrics(sums, counts, info)}
+    record["loss"], record["grad_norm"] = update.loss, update.grad_norm
+    record["lr"] = policy.scheduler.get_last_lr()[0]
+    record["tokens_per_s"] = distributed.all_reduce_sum(tokens, info) / step_time
+    record["rollout_s"], record["step_s"] = rollout_time, step_time
+    if policy.reference.updates:
+        record["ref_updates"] = policy.reference.updates
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+
+
+def check_batch_sizes(cfg: Config, world: int) -> None:
     for name, value in (
         ("train.prompts_per_step", cfg.train.prompts_per_step),
         ("train.mini_batch_prompts", cfg.train.mini_batch_prompts),
     ):
         if value % world:
             raise ValueError(f"{name} ({value}) must be a multiple of the number of ranks ({world})")
-    set_seed(cfg.train.seed * 1_000 + info.rank)
+
+
+def summarize_run(cfg: Config, out_dir: Path, loss_config: rk.LossConfig) -> dict[str, Any]:
+    """Rank 0: ``summary.json`` and ``metrics.png`` from ``metrics.jsonl``; prints the summary line."""
+    records = read_metrics(out_dir / "metrics.jsonl")
+    summary: dict[str, Any] = summarize(records)
+    plot = plot_metrics(records, out_dir / "metrics.png", title=f"{cfg.algo.loss} ({loss_config.kl or ''})")
+    summary["plot"] = str(plot) if plot else None
+    summary["checkpoint"] = str(checkpoint.latest_checkpoint(out_dir))
+    if cfg.train.export:
+        summary["final"] = str(out_dir / "final")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        "rpg_train summary: "
+        + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
+            for k, v in summary.items()
+        )
+    )
+    return summary
+
+
+def train(cfg: Config, *, resume: bool = False, engine: RolloutEngine | None = None) -> dict[str, Any]:
+    """Run the configured training (steps 1-7 of the module docstring); returns the summary (rank 0; {}
+    elsewhere). ``engine`` replaces the rollout engine; its caller keeps it (and closes it)."""
+    from rpg_train.export import export_checkpoint
+
+    # 1. ranks, seeds, output folder
+    info = distributed.setup(cfg.train.device, group_for_one_rank=cfg.train.parallel == "fsdp")
+    check_batch_sizes(cfg, info.world_size)
+    seed_everything(derive_seed(cfg.train.seed, "global", info.rank))
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    device, on_gpu = info.device, info.device.type == "cuda"
-    bf16 = cfg.model.autocast_bf16 and on_gpu
-    backend = cfg.algo.loss_backend if cfg.algo.loss_backend != "auto" else ("triton" if on_gpu else "torch")
-
-    # ---- model, tokenizer, data, reward --------------------------------------------------------------
-    assets = resolve_assets(cfg, info)
-    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=dtype).to(device)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data_kw = dict(
-        prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key, chat_template=cfg.data.chat_template
-    )
-    train_prompts = shard(load_prompts(assets.train_file, tokenizer, **data_kw), info.rank, world)
-    eval_prompts = []
-    if assets.eval_file is not None and cfg.train.eval_every > 0:
-        eval_prompts = load_prompts(assets.eval_file, tokenizer, **data_kw)[: cfg.train.eval_max_prompts]
-        eval_prompts = shard(eval_prompts, info.rank, world)
-    reward_kw = {"overlong_buffer": cfg.data.overlong_buffer} if cfg.data.overlong_buffer else {}
-    reward_fn = make_reward_fn(assets.reward_name, **reward_kw)
-    sampler = PromptSampler(train_prompts, cfg.train.seed, info.rank)
-
-    # ---- optimizer, schedule, loss, reference, DDP ---------------------------------------------------
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
-    )
-    warmup = max(1, cfg.optim.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    loss_config = rk.LossConfig.preset(cfg.algo.loss, **cfg.algo.loss_overrides)
-    reference = ReferencePolicy(
-        model, cfg.algo.ref_update, cfg.algo.ref_update_k, cfg.algo.ref_kl_threshold, cfg.algo.ref_kl_ema
-    )
-    policy = DistributedDataParallel(model) if info.enabled else model
-
-    # ---- resume --------------------------------------------------------------------------------------
-    start_step = 0
-    last_checkpoint = checkpoint.latest_checkpoint(out_dir) if resume else None
-    if last_checkpoint is not None:
-        state = checkpoint.load_checkpoint(last_checkpoint)
-        if len(state["ranks"]) != world:
-            raise ValueError(
-                f"{last_checkpoint} was written by {len(state['ranks'])} ranks; this run has {world}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        reference.load_state_dict(state["reference"])
-        checkpoint.set_rng_state(state["ranks"][info.rank]["rng"])
-        sampler.position = state["ranks"][info.rank]["data_position"]
-        start_step = state["step"]
-    elif resume and info.is_main:
-        print(f"--resume: no checkpoint under {checkpoint.checkpoint_dir(out_dir)}; starting from step 0")
-
-    # ---- rollout engine (its own copy of the weights; synced from the trainer, never via disk) -------
-    if engine is None:
-        engine = make_rollout_engine(
-            assets.model_dir,
-            backend=cfg.rollout.backend,
-            dtype="bfloat16" if on_gpu else "float32",
-            max_model_len=cfg.rollout.max_model_len,
-            seed=cfg.train.seed + info.rank,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            model=model,  # the hf engine samples with the trainer's module itself; vLLM loads model_dir
-        )
-    if start_step > 0:
-        engine.sync_weights(model)
-
-    def save(step: int) -> Path | None:
-        ranks = checkpoint.gather_rank_states(
-            {"rng": checkpoint.rng_state(), "data_position": sampler.position}
-        )
-        path = None
-        if info.is_main:
-            path = checkpoint.save_checkpoint(
-                out_dir,
-                step,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "reference": reference.state_dict(),
-                    "ranks": ranks,
-                    "config": cfg.to_dict(),
-                },
-                keep=cfg.train.keep_checkpoints,
-            )
-        distributed.barrier(info)
-        return path
-
-    log = MetricsLog(out_dir, enabled=info.is_main, resume_step=start_step)
-    bar = ProgressBar(cfg.train.steps, initial=start_step, enabled=info.is_main and cfg.train.progress)
-    if info.is_main:
-        bar.write(f"rpg_train: {world} rank(s) on {device}, loss {loss_config}, out {out_dir}")
-    group_size = cfg.rollout.group_size
-    groups_per_rank = cfg.train.prompts_per_step // world
-    eval_seed = cfg.train.seed * 7_919 + 13
-    if start_step == 0 and eval_prompts:
-        log.log({"step": 0, "eval_accuracy": evaluate(engine, eval_prompts, reward_fn, cfg, info, eval_seed)})
-
-    for step in range(start_step, cfg.train.steps):
-        step_start = time.perf_counter()
-
-        # 1. rollouts from the engine, scored by the verifier (dynamic sampling drops all-equal groups)
-        engine.wake()
-        rollout_seed = (cfg.train.seed * 1_000_003 + step * 1_009 + info.rank * 17) % 2**31
-        rollouts, stats = collect_rollouts(engine, sampler, reward_fn, cfg, groups_per_rank, rollout_seed)
-        engine.sleep()
-        rollout_time = time.perf_counter() - step_start
-
-        # 2. old (= sampling policy) log-probs from the trainer's model, and the reference's if separate
-        batch = build_batch(rollouts.prompt_ids, rollouts.completion_ids, pad_id).to(device)
-        rewards = rollouts.rewards.to(device)
-        model.eval()
-        old_logprobs, entropy = sequence_logprobs(
-            model,
-            batch,
-            micro_batch=cfg.train.micro_batch_seqs,
-            temperature=cfg.rollout.temperature,
-            backend=backend,
-            bf16=bf16,
-        )
-        ref_logprobs = None
-        if not reference.is_old_policy:
-            ref_logprobs, _ = sequence_logprobs(
-                reference.model,
-                batch,
-                micro_batch=cfg.train.micro_batch_seqs,
-                temperature=cfg.rollout.temperature,
-                backend=backend,
-                bf16=bf16,
-            )
-        model.train()
-
-        # 3. advantages (rpg: reward minus its group's mean, no std division; reinforce_pp: token returns)
-        if cfg.algo.advantage == "reinforce_pp":
-            advantages = rk.compute_advantages(
-                "reinforce_pp",
-                rewards,
-                group_size,
-                mask=batch.mask,
-                old_logprobs=old_logprobs,
-                ref_logprobs=old_logprobs if ref_logprobs is None else ref_logprobs,
-                beta_kl=cfg.algo.reward_kl_beta,
-            )
-        else:
-            advantages = rk.compute_advantages(cfg.algo.advantage, rewards, group_size)
-
-        # 4. optimizer steps over mini-batches, gradients accumulated over micro-batches
-        try:
-            update = update_policy(
-                policy,
-                model,
-                optimizer,
-                scheduler,
-                reference,
-                loss_config,
-                cfg,
-                info,
-                batch,
-                old_logprobs,
-                ref_logprobs,
-                advantages,
-                backend=backend,
-                bf16=bf16,
-            )
-        except TrainingDiverged as err:
-            good = checkpoint.latest_checkpoint(out_dir)
-            raise TrainingDiverged(
-                f"step {step + 1}: {err} Last good checkpoint: {good or 'none written yet'}."
-            ) from None
-
-        # 5. push the new weights to the rollout engine (in memory)
-        engine.wake()
-        engine.sync_weights(model)
-        engine.sleep()
-
-        # 6. metrics (reduced over ranks), eval, checkpoint
-        step_time = time.perf_counter() - step_start
-        tokens = float(batch.mask.sum())
-        sums = {
-            "reward": float(rewards.sum()),
-            "accuracy": float(is_correct(rewards).sum()),
-            "response_length": tokens,
-            "entropy": float((entropy * batch.mask).sum()),
-            **update.sums,
-            **stats,
-        }
-        counts = {
-            "reward": len(rewards),
-            "accuracy": len(rewards),
-            "response_length": len(rewards),
-            "entropy": tokens,
-            **{k: update.tokens for k in update.sums},
-            **{k: 1.0 for k in stats},
-        }
-        record = {"step": step + 1, **distributed.reduce_metrics(sums, counts, info)}
-        record["loss"], record["grad_norm"] = update.loss, update.grad_norm
-        record["lr"] = scheduler.get_last_lr()[0]
-        record["tokens_per_s"] = distributed.all_reduce_sum(tokens, info) / step_time
-        record["rollout_s"], record["step_s"] = rollout_time, step_time
-        if reference.updates:
-            record["ref_updates"] = reference.updates
-        if eval_prompts and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps):
-            record["eval_accuracy"] = evaluate(engine, eval_prompts, reward_fn, cfg, info, eval_seed)
-        log.log(record)
-        bar.update(record)
-        if (
-            cfg.train.checkpoint_every
-            and (step + 1) % cfg.train.checkpoint_every == 0
-            or step + 1 == cfg.train.steps
-        ):
-            save(step + 1)
-
-    # ---- summary ---------------------------------------------------------------------------------------
-    bar.close()
     summary: dict[str, Any] = {}
-    if info.is_main:
-        records = read_metrics(out_dir / "metrics.jsonl")
-        summary = summarize(records)
-        plot = plot_metrics(
-            records, out_dir / "metrics.png", title=f"{cfg.algo.loss} ({loss_config.kl or ''})"
-        )
-        summary["plot"] = str(plot) if plot else None
-        summary["checkpoint"] = str(checkpoint.latest_checkpoint(out_dir))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(
-            "rpg_train summary: "
-            + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
-                for k, v in summary.items()
+    with contextlib.ExitStack() as closing:  # closed in reverse order, also after an error
+        closing.callback(distributed.teardown)
+
+        # 2. the task: model folder, prompts, reward function (its verification pool)
+        task = load_task(cfg, info)
+        closing.callback(task.reward_fn.close)
+
+        # 3. the policy: model + fused loss under DDP or FSDP, optimizer, schedule, reference
+        policy = build_policy(cfg, info, task.model_dir)
+
+        # 4. resume
+        start_step = resume_from(cfg, info, policy, task) if resume else 0
+
+        # 5. the rollout engine (its own copy of the weights; synced from the trainer, never via disk)
+        if engine is None:
+            engine = make_engine(cfg, info, task, policy)
+            closing.callback(engine.close)  # first to close: vLLM tears down the groups it joined
+        if start_step > 0:
+            engine.sync_weights(policy.model)
+
+        # 6. the steps: train_step, then metrics, eval, checkpoint
+        log = MetricsLog(out_dir, enabled=info.is_main, resume_step=start_step)
+        bar = ProgressBar(cfg.train.steps, initial=start_step, enabled=info.is_main and cfg.train.progress)
+        if info.is_main:
+            bar.write(
+                f"rpg_train: {info.world_size} rank(s), {cfg.train.parallel} on {info.device}, out {out_dir}"
             )
-        )
-    if not isinstance(engine, VLLMEngine):  # vLLM tears the process groups down itself at exit
-        distributed.teardown()
+        eval_seed = derive_seed(cfg.train.seed, "eval")
+        if start_step == 0 and task.eval_prompts:
+            accuracy = evaluate(engine, task.eval_prompts, task.reward_fn, cfg, info, eval_seed)
+            log.log({"step": 0, "eval_accuracy": accuracy})
+        for step in range(start_step, cfg.train.steps):
+            try:
+                record = train_step(cfg, info, policy, engine, task, step)
+            except TrainingDiverged as err:
+                good = checkpoint.latest_checkpoint(out_dir)
+                message = f"step {step + 1}: {err} Last good checkpoint: {good or 'none written yet'}."
+                raise TrainingDiverged(message) from None
+            done = step + 1
+            if task.eval_prompts and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                record["eval_accuracy"] = evaluate(
+                    engine, task.eval_prompts, task.reward_fn, cfg, info, eval_seed
+                )
+            log.log(record)
+            bar.update(record)
+            every = cfg.train.checkpoint_every
+            if (every and done % every == 0) or done == cfg.train.steps:
+                save_checkpoint(cfg, info, policy, task, done)
+        bar.close()
+
+        # 7. summary, plot, the Hugging Face export (rank 0, from the last checkpoint)
+        if info.is_main:
+            if cfg.train.export:
+                last = checkpoint.latest_checkpoint(out_dir)
+                final = export_checkpoint(last, out_dir / "final", dtype=cfg.train.export_dtype)
+                print(f"rpg_train: exported {final}")
+            summary = summarize_run(cfg, out_dir, policy.loss.loss_config)
+        distributed.barrier(info)
     return summary

@@ -51,3 +51,20 @@ def test_config_layers_yaml_roundtrip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="mini_batch_prompts"):
         build_config("tiny", overrides=["train.prompts_per_step=10", "train.mini_batch_prompts=4"])
     assert isinstance(Config(), Config)
+
+
+def test_parallel_settings_and_their_errors():
+    assert build_config("tiny").train.parallel == "ddp"
+    for preset in ("rpg", "rpg_8k", "grpo", "dapo"):  # the paper's GPU presets shard their states
+        paper = build_config(preset, overrides=["model.path=/m", "data.train_file=/d.parquet"])
+        assert paper.train.parallel == "fsdp" and not paper.train.fsdp_offload
+    assert build_config(
+        "tiny", overrides=["train.parallel=fsdp", "train.fsdp_offload=true"]
+    ).train.fsdp_offload
+    for bad, match in [
+        ("train.parallel=zero3", "train.parallel"),
+        ("train.fsdp_offload=true", "train.fsdp_offload needs train.parallel=fsdp"),
+        ("train.export_dtype=int8", "train.export_dtype"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            build_config("tiny", overrides=[bad])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rpg_train.logprobs import IGNORE_INDEX, build_batch, sequence_logprobs
+from rpg_train.logprobs import IGNORE_INDEX, PolicyLoss, build_batch, sequence_logprobs
 from tests.support import tiny_causal_lm
 
 VOCAB = 61
@@ -27,7 +27,7 @@ def test_sequence_logprobs_match_unpadded_full_forward(seed):
     completions = [torch.randint(0, VOCAB, (c,), generator=gen).tolist() for _, c in lengths]
     batch = build_batch(prompts, completions, pad_id=0)
     assert batch.mask.sum() == sum(c for _, c in lengths)
-    logprobs, entropy = sequence_logprobs(model, batch, micro_batch=3, backend="torch")
+    logprobs, entropy = sequence_logprobs(PolicyLoss(model, backend="torch"), batch, micro_batch=3)
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         got = logprobs[i][batch.mask[i] > 0]
         assert got.numel() == len(completion)
@@ -42,6 +42,13 @@ def test_sequence_logprobs_match_unpadded_full_forward(seed):
         ent = -(full.exp() * full).sum(-1)[len(prompt) - 1 : -1]
         torch.testing.assert_close(entropy[i][batch.mask[i] > 0].double(), ent, rtol=1e-4, atol=1e-5)
     assert (logprobs[batch.mask == 0] == 0).all() and (batch.targets[batch.mask == 0] == IGNORE_INDEX).all()
+
+
+def test_policy_loss_without_a_loss_config_computes_log_probs_only():
+    model = tiny_model()
+    batch = build_batch([[1, 2], [3]], [[4, 5], [6]], pad_id=0)
+    with pytest.raises(RuntimeError, match="log-probs only"):
+        PolicyLoss(model)(batch, torch.zeros(batch.targets.shape), torch.zeros(2), num_items=None)
 
 
 def test_build_batch_rejects_bad_input():

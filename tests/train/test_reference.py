@@ -21,8 +21,15 @@ def test_reference_policy_refresh_rules():
     assert threshold.after_optimizer_step(policy, 0.3)  # average 0.2
     fixed = ReferencePolicy(policy, "never")
     assert not any(fixed.after_optimizer_step(policy, 100.0) for _ in range(5))
+    assert threshold.needs_kl and not every.needs_kl
+    with pytest.raises(ValueError, match="token_kl"):
+        threshold.after_optimizer_step(policy)
     restored = ReferencePolicy(policy, "every_k", every_k=2)
     restored.load_state_dict(every.state_dict())
-    assert torch.equal(restored.model.weight, every.model.weight)
+    assert (restored.updates, restored.steps_since_update) == (every.updates, every.steps_since_update)
+    with pytest.raises(ValueError, match="ref_update"):
+        ReferencePolicy(policy, "never").load_state_dict(every.state_dict())
+    wrapped = ReferencePolicy(policy, "never", wrap=lambda frozen: torch.nn.Sequential(frozen))
+    assert isinstance(wrapped.model, torch.nn.Sequential) and not wrapped.model[0].weight.requires_grad
     with pytest.raises(ValueError, match="ref_update"):
         ReferencePolicy(policy, "sometimes")

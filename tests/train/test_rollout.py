@@ -189,3 +189,94 @@ def test_hf_engine_generates_with_the_given_module(assets):
     model.train()
     engine.generate(PROMPTS[:2], n=2, max_tokens=2, temperature=1.0, seed=0)
     assert model.training  # the engine restores the module's mode
+
+
+def _sync_from_shards_worker(rank: int, port: int, model_dir: str, out_path: str) -> None:
+    """Rank ``rank`` of 2: an FSDP-sharded policy takes two SGD steps, then its vLLM engine is synced from
+    the shards; saves the trainer's and the engine's log-probs of fixed sequences."""
+    import gc
+    import os
+    import weakref
+
+    import rpg_kernels as rk
+    from rpg_train import distributed, parallel
+    from rpg_train.logprobs import PolicyLoss, build_batch, sequence_logprobs
+
+    os.environ.update(
+        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    torch.set_num_threads(1)
+    info = distributed.setup("cpu")
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    policy = PolicyLoss(model, rk.LossConfig.preset("rpg_reinforce"), backend="torch")
+    parallel.parallelize(policy, "fsdp", info)
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    prompts, completions = [p for p in PROMPTS if len(p) > 1], [[11, 2], [9, 2], [12, 13, 2]]
+    batch = build_batch(prompts, completions, pad_id=0)
+    for _ in range(2):  # push these completions up (advantage 1, old = current log-probs)
+        old, _ = sequence_logprobs(policy, batch, micro_batch=8)
+        loss, _ = policy(batch, old, torch.ones(len(batch)), num_items=None)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trainer, _ = sequence_logprobs(policy, batch, micro_batch=8)
+
+    # at most one whole (gathered) parameter is alive at a time while the weights stream out
+    alive, seen = 0, []
+    for _, tensor in parallel.full_weights(model):
+        if not any(ref() is tensor for ref in seen):
+            seen.append(weakref.ref(tensor))
+        del tensor
+        gc.collect()
+        alive = max(alive, sum(ref() is not None for ref in seen))
+
+    engine = make_rollout_engine(model_dir, backend="vllm", max_model_len=64, seed=rank)
+    before = [list(c.token_ids) for g in engine.generate(prompts, 4, 3, 1.0, 0) for c in g]
+    engine.sync_weights(model)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    sequences = [{"prompt_token_ids": p + c} for p, c in zip(prompts, completions)]
+    engine_logprobs = [
+        [step[t].logprob for step, t in zip(out.prompt_logprobs[len(p) :], c)]
+        for out, p, c in zip(engine.llm.generate(sequences, params, use_tqdm=False), prompts, completions)
+    ]
+    after = [list(c.token_ids) for g in engine.generate(prompts, 4, 3, 1.0, 0) for c in g]
+    torch.save(
+        {
+            "trainer": [trainer[i][batch.mask[i] > 0].tolist() for i in range(len(batch))],
+            "engine": engine_logprobs,
+            "alive": alive,
+            "changed": before != after,
+        },
+        f"{out_path}.rank{rank}",
+    )
+    engine.close()  # also tears down the process groups vLLM joined
+    distributed.teardown()
+
+
+@pytest.mark.timeout(300)
+def test_vllm_weight_sync_from_fsdp_shards(assets, tmp_path):
+    """Two ranks, each with its own vLLM-CPU engine: after a sync from the FSDP shards the engine's log-probs
+    equal the trainer's (1e-3), although two SGD steps moved them away from the saved weights."""
+    pytest.importorskip("vllm")
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out_path = str(tmp_path / "sync.pt")
+    mp.spawn(_sync_from_shards_worker, args=(port, str(assets.model_dir), out_path), nprocs=2, join=True)
+    initial = trainer_model(assets)
+    for rank in range(2):
+        result = torch.load(f"{out_path}.rank{rank}")
+        assert result["alive"] == 1 and result["changed"]
+        for i, (trainer, engine) in enumerate(zip(result["trainer"], result["engine"])):
+            torch.testing.assert_close(torch.tensor(engine), torch.tensor(trainer), atol=1e-3, rtol=0)
+            prompt = [p for p in PROMPTS if len(p) > 1][i]
+            moved = trainer_logprobs(initial, prompt, [[11, 2], [9, 2], [12, 13, 2]][i])
+            assert (moved - torch.tensor(trainer, dtype=torch.float64)).abs().max() > 0.1

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -16,12 +17,14 @@ pytest.importorskip("vllm")
 
 
 @pytest.mark.timeout(420)
-def test_tiny_demo_with_vllm_writes_metrics_checkpoint_plot(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # fsdp in one process: a one-rank group, vLLM joins it
+def test_tiny_demo_with_vllm_writes_metrics_checkpoint_plot(tmp_path, parallel):
     from rpg_train.train import train
 
     cfg = build_config(
         "tiny",
         overrides=[
+            f"train.parallel={parallel}",
             "rollout.backend=vllm",
             "train.steps=3",
             "train.eval_every=3",
@@ -41,11 +44,13 @@ def test_tiny_demo_with_vllm_writes_metrics_checkpoint_plot(tmp_path):
             assert isinstance(record[key], float), key
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     assert len(evals) == 2 and all(0.0 <= e <= 1.0 for e in evals)  # before training and at step 3
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000002.pt", "step-00000003.pt"]
-    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
-    assert state["step"] == 3 and {"model", "optimizer", "scheduler", "reference", "ranks"} <= set(state)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    state = checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path))
+    assert state["step"] == 3 and {"scheduler", "reference", "ranks", "model_dir"} <= set(state)
     assert (tmp_path / "metrics.png").stat().st_size > 1000
     assert (tmp_path / "config.yaml").is_file() and summary["steps"] == 3
+    assert (tmp_path / "final" / "config.json").is_file() and summary["final"] == str(tmp_path / "final")
+    assert state["parallel"] == parallel and not torch.distributed.is_initialized()  # groups torn down
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rpg_kernels as rk
-from rpg_train.logprobs import build_batch, policy_loss, sequence_logprobs
+from rpg_train.logprobs import PolicyLoss, build_batch, sequence_logprobs
 from tests.support import LargestAllocation, tiny_causal_lm
 
 VOCAB, HIDDEN = 8192, 32
@@ -37,19 +37,11 @@ def test_loss_path_never_builds_logits():
     limit = n_rows * VOCAB // 8
     assert VOCAB * HIDDEN < limit  # the LM-head weight and its gradient are allowed
 
+    policy = PolicyLoss(model, rk.LossConfig.preset("rpg_reinforce"), backend="torch")
     with LargestAllocation() as recorder:
-        old, _ = sequence_logprobs(model, batch, micro_batch=32, backend="torch")
+        old, _ = sequence_logprobs(policy, batch, micro_batch=32)
         advantages = torch.randn(len(batch), generator=gen)
-        loss, _ = policy_loss(
-            model,
-            batch,
-            old - 0.1 * batch.mask,
-            advantages,
-            None,
-            rk.LossConfig.preset("rpg_reinforce"),
-            num_items=None,
-            backend="torch",
-        )
+        loss, _ = policy(batch, old - 0.1 * batch.mask, advantages, num_items=None)
         loss.backward()
     assert torch.isfinite(loss)
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0

@@ -1,8 +1,10 @@
-"""Checkpoints survive SIGKILL, resume reproduces an uninterrupted run, a NaN loss stops cleanly.
+"""Checkpoints survive SIGKILL, resume reproduces an uninterrupted run bit for bit, a NaN loss stops cleanly.
 
 The runs use the tiny generated model/task with the ``hf`` rollout engine (``transformers.generate`` with a
-per-step seed: deterministic and cheap), so an uninterrupted run and a killed-then-resumed run can be
-compared parameter for parameter.
+per-step seed: deterministic and cheap), so an uninterrupted run and a killed-then-resumed one can be compared
+parameter for parameter (their exported ``final/`` folders). One process under ddp; two (``torchrun``, gloo)
+under fsdp, where one rank is killed in the middle of a step's backward and then in the middle of a
+checkpoint write, and whose checkpoint then resumes in one process (resharded).
 """
 
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rpg_train import checkpoint
 from rpg_train.config import build_config
@@ -33,94 +36,157 @@ OVERRIDES = [
     "train.progress=false",
 ]
 
-# Child process: a normal run, except that it SIGKILLs itself right after writing checkpoint KILL_AT
-# ("after") or halfway through writing it, after the temp file and before the rename ("during").
+# A normal run (resumed when argv[1] is 1), except that one rank SIGKILLs itself: "after" right after
+# checkpoint AT is committed, "during" halfway through writing it (DCP files written, before the commit
+# rename), "step" in the middle of step AT (rank 1, after a micro-batch's backward).
 CHILD = """
 import os, signal, sys
-from rpg_train import checkpoint
+from pathlib import Path
+from rpg_train import checkpoint, train as train_module
 from rpg_train.config import build_config
-from rpg_train.train import train
 
-mode, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+resume, mode, at, out = sys.argv[1] == "1", sys.argv[2], int(sys.argv[3]), sys.argv[4]
+rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 save, replace = checkpoint.save_checkpoint, os.replace
+step_fn, forward_backward = train_module.train_step, train_module.forward_backward_step
+current = {}
 
-def save_then_die(out_dir, step, state, keep=2):
-    path = save(out_dir, step, state, keep)
-    if mode == "after" and step == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+def save_then_die(out_dir, step, **kwargs):
+    path = save(out_dir, step, **kwargs)
+    if mode == "after" and step == at:
+        die()
     return path
 
-def die_before_rename(src, dst):
-    if mode == "during" and str(dst).endswith(f"step-{kill_at:08d}.pt"):
-        os.kill(os.getpid(), signal.SIGKILL)
+def die_before_commit(src, dst):
+    if mode == "during" and rank == 0 and Path(dst).name == f"step-{at:08d}":
+        die()
     return replace(src, dst)
 
-checkpoint.save_checkpoint = save_then_die
-os.replace = die_before_rename
-cfg = build_config("tiny", overrides=sys.argv[4:] + [f"train.out_dir={out}"])
-train(cfg, resume=mode == "resume")
+def train_step(cfg, info, policy, engine, task, step):
+    current["step"] = step + 1
+    return step_fn(cfg, info, policy, engine, task, step)
+
+def forward_backward_step(*args, **kwargs):
+    out = forward_backward(*args, **kwargs)
+    if mode == "step" and current["step"] == at and rank == world - 1:
+        die()
+    return out
+
+checkpoint.save_checkpoint, os.replace = save_then_die, die_before_commit
+train_module.train_step, train_module.forward_backward_step = train_step, forward_backward_step
+cfg = build_config("tiny", overrides=sys.argv[5:] + [f"train.out_dir={out}"])
+train_module.train(cfg, resume=resume)
 """
 
 
-def run_child(mode: str, kill_at: int, out: Path) -> subprocess.CompletedProcess:
+def run_child(
+    tmp_path: Path, mode: str, at: int, out: Path, *, resume: bool = False, ranks: int = 1, extra=()
+) -> subprocess.CompletedProcess:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     return subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(kill_at), str(out), *OVERRIDES],
+        [*launcher, str(script), "1" if resume else "0", mode, str(at), str(out), *OVERRIDES, *extra],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
     )
 
 
-def final_params(out: Path) -> dict[str, torch.Tensor]:
-    path = checkpoint.latest_checkpoint(out)
-    assert path is not None and path.name == "step-00000004.pt", path
-    return checkpoint.load_checkpoint(path)["model"]
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    assert checkpoint.latest_checkpoint(out).name == "step-00000004"
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_run(straight: Path, resumed: Path) -> None:
+    expected, got = final_weights(straight), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name  # bit for bit
+    initial = load_file(resumed / "tiny" / "model" / "model.safetensors")
+    assert any(not torch.equal(initial[k], v) for k, v in expected.items() if k in initial), "nothing trained"
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 @pytest.mark.timeout(600)
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    straight = run_child("none", -1, tmp_path / "straight")
+    straight = run_child(tmp_path, "none", -1, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     # killed right after checkpoint 2 is complete
-    killed = run_child("after", 2, tmp_path / "killed")
+    killed = run_child(tmp_path, "after", 2, tmp_path / "killed")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "killed")] == ["step-00000002.pt"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "killed")] == ["step-00000002"]
     # killed halfway through writing checkpoint 4: checkpoint 2 is still the latest and intact
-    torn = run_child("during", 4, tmp_path / "killed")
+    torn = run_child(tmp_path, "during", 4, tmp_path / "killed", resume=True)
     assert torn.returncode == -9, torn.stderr[-3000:]
-    assert checkpoint.latest_checkpoint(tmp_path / "killed").name == "step-00000002.pt"
-    assert checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path / "killed"))["step"] == 2
+    assert (checkpoint.checkpoint_dir(tmp_path / "killed") / ".step-00000004.tmp" / ".metadata").is_file()
+    assert checkpoint.latest_checkpoint(tmp_path / "killed").name == "step-00000002"
+    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "killed"))["step"] == 2
 
-    resumed = run_child("resume", -1, tmp_path / "killed")
+    resumed = run_child(tmp_path, "resume", -1, tmp_path / "killed", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
-    initial = checkpoint.load_checkpoint(tmp_path / "killed" / "checkpoints" / "step-00000002.pt")["model"]
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-7, msg=name)
-    assert any(not torch.equal(initial[k], v) for k, v in expected.items()), "steps 3-4 changed nothing"
-    steps = [
-        json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert steps == [1, 2, 3, 4]
+    assert_same_run(tmp_path / "straight", tmp_path / "killed")
+
+
+@pytest.mark.timeout(900)
+def test_fsdp_sigkill_in_a_step_and_in_a_checkpoint_write_then_resume(tmp_path):
+    # with a frozen reference refreshed every 3 optimizer steps (2 per rollout step): it is checkpointed and
+    # sharded too, and a refresh falls between the checkpoints
+    reference = ["algo.ref_update=every_k", "algo.ref_update_k=3"]
+    fsdp = ["train.parallel=fsdp", *reference]
+    straight = run_child(tmp_path, "none", -1, tmp_path / "straight", ranks=2, extra=fsdp)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert {p.name for p in checkpoint.latest_checkpoint(tmp_path / "straight").iterdir()} >= {
+        "__0_0.distcp",
+        "__1_0.distcp",
+    }  # each rank wrote its shards
+
+    out = tmp_path / "killed"
+    in_step = run_child(tmp_path, "step", 3, out, ranks=2, extra=fsdp)
+    assert in_step.returncode != 0 and "Signal 9 (SIGKILL)" in in_step.stderr, in_step.stderr[-3000:]
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-00000002"]
+    in_write = run_child(tmp_path, "during", 4, out, resume=True, ranks=2, extra=fsdp)
+    assert in_write.returncode != 0 and "Signal 9 (SIGKILL)" in in_write.stderr, in_write.stderr[-3000:]
+    assert (checkpoint.checkpoint_dir(out) / ".step-00000004.tmp").is_dir()
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-00000002"]
+
+    resumed = run_child(tmp_path, "resume", -1, out, resume=True, ranks=2, extra=fsdp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("ref_updates", 0) for r in records] == [0, 1, 2, 2]  # refreshed after optimizer steps 3, 6
+
+    # the 2 ranks' sharded checkpoint resumes in one ddp process: DCP reshards it (announced), the run goes on
+    more = run_child(
+        tmp_path, "resume", -1, out, resume=True, extra=[*reference, "train.parallel=ddp", "train.steps=5"]
+    )
+    assert more.returncode == 0 and "written by 2 ranks, this run has 1" in more.stdout, more.stderr[-3000:]
+    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(out))["world_size"] == 1
+    assert checkpoint.latest_checkpoint(out).name == "step-00000005"
 
 
 @pytest.mark.timeout(300)
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     import rpg_train.train as train_module
 
-    real_loss, calls = train_module.policy_loss, {"n": 0}
+    real_step, calls = train_module.forward_backward_step, {"n": 0}
 
     def nan_from_step_3(*args, **kwargs):
         # 2 prompts x 4 completions, mini-batch 2 prompts, micro-batch 8: call n is rollout step n
-        loss, metrics = real_loss(*args, **kwargs)
+        loss, metrics = real_step(*args, **kwargs)
         calls["n"] += 1
         return (loss * math.nan if calls["n"] >= 3 else loss), metrics
 
-    monkeypatch.setattr(train_module, "policy_loss", nan_from_step_3)
+    monkeypatch.setattr(train_module, "forward_backward_step", nan_from_step_3)
     cfg = build_config(
         "tiny",
         overrides=[
@@ -131,9 +197,13 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
             f"train.out_dir={tmp_path}",
         ],
     )
-    with pytest.raises(train_module.TrainingDiverged, match=r"step 3: non-finite loss.*step-00000002\.pt"):
+    with pytest.raises(train_module.TrainingDiverged, match=r"step 3: non-finite loss.*step-00000002"):
         train_module.train(cfg)
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001.pt", "step-00000002.pt"]
-    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
-    assert state["step"] == 2
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
+    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path))["step"] == 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny" / "model")
+    checkpoint.load_model_weights(checkpoint.latest_checkpoint(tmp_path), model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (tmp_path / "final").exists()  # no export of a run that failed
