@@ -114,7 +114,7 @@ def test_backward_deterministic_is_bitwise_reproducible():
 def test_fp16_gradients_do_not_underflow(monkeypatch):
     """Token-mean weights ~1/N with p ~ 1/V put dz below fp16's smallest subnormal; the scaled kernels keep
     the grads (in fp32 until backward) within fp16 rounding of the float64 ones."""
-    n, v = 512, 4096
+    n, v = 256, 2048  # dz ~ 1e-3 / (N V) ~ 2e-9, below fp16's smallest subnormal (6e-8)
     p = make_problem(80, n, 16, v, dtype=torch.float16, bias=False, logit_scale=1.0, ignore_frac=0.0)
     p.grad_logprob.copy_(torch.rand(n, generator=torch.Generator().manual_seed(1)) * 1e-3 / n)
     p.grad_entropy.zero_()
@@ -125,7 +125,7 @@ def test_fp16_gradients_do_not_underflow(monkeypatch):
     with monkeypatch.context() as m:  # guard: without the scale, fp16 dz underflows and those rows are 0
         m.setattr(backward, "fp16_dz_scale", lambda *args: 1.0)
         _, unscaled, _ = run_backward(p, with_entropy_grad=False)
-        assert (unscaled[never] == 0).float().mean() > 0.9
+        assert (unscaled[never] == 0).float().mean() > 0.8
     for method in METHODS:
         dh, dw, _ = run_backward(p, with_entropy_grad=False, method=method)
         assert dw.dtype == torch.float32
