@@ -71,33 +71,17 @@ def loss_metrics(
     return metrics
 
 
-def _validated(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logprobs: Tensor | None,
-    config: LossConfig,
-    num_items: float | int | Tensor | None,
-    entropy: Tensor | None,
-    entropy_coef: float,
-    rollout_logprobs: Tensor | None,
-    rollout_weights: Tensor | None,
-) -> LossInputs:
-    raw = validate_loss_inputs(
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        ref_logprobs,
-        entropy,
-        config=config,
-        num_items=num_items,
-        entropy_coef=entropy_coef,
-        rollout_logprobs=rollout_logprobs,
-        rollout_weights=rollout_weights,
+def _per_token(inputs: LossInputs, config: LossConfig) -> TokenLosses:
+    """`token_losses` of prepared inputs."""
+    return token_losses(
+        inputs.logprobs,
+        inputs.old_logprobs,
+        inputs.advantages,
+        inputs.mask,
+        inputs.ref_logprobs,
+        config,
+        inputs.rollout_weights,
     )
-    return prepare_loss_inputs(raw)
 
 
 def rpg_loss(
@@ -135,28 +119,21 @@ def rpg_loss(
         ratio_mean, ratio_max, num_tokens, entropy (when given).
     """
     config = resolve_loss_config(config)
-    inputs = _validated(
+    raw = validate_loss_inputs(
         logprobs,
         old_logprobs,
         advantages,
         mask,
         ref_logprobs,
-        config,
-        num_items,
         entropy,
-        entropy_coef,
-        rollout_logprobs,
-        rollout_weights,
+        config=config,
+        num_items=num_items,
+        entropy_coef=entropy_coef,
+        rollout_logprobs=rollout_logprobs,
+        rollout_weights=rollout_weights,
     )
-    per_token = token_losses(
-        inputs.logprobs,
-        inputs.old_logprobs,
-        inputs.advantages,
-        inputs.mask,
-        inputs.ref_logprobs,
-        config,
-        inputs.rollout_weights,
-    )
+    inputs = prepare_loss_inputs(raw)
+    per_token = _per_token(inputs, config)
     weights = aggregation_weights(
         inputs.mask, config.agg, num_items, inputs.dtype, config.max_completion_length
     )
@@ -194,28 +171,18 @@ def per_token_loss(
     (without an entropy bonus).
     """
     config = resolve_loss_config(config)
-    inputs = _validated(
+    raw = validate_loss_inputs(
         logprobs,
         old_logprobs,
         advantages,
         mask,
         ref_logprobs,
-        config,
-        None,
-        None,
-        0.0,
-        rollout_logprobs,
-        rollout_weights,
+        config=config,
+        rollout_logprobs=rollout_logprobs,
+        rollout_weights=rollout_weights,
     )
-    out = token_losses(
-        inputs.logprobs,
-        inputs.old_logprobs,
-        inputs.advantages,
-        inputs.mask,
-        inputs.ref_logprobs,
-        config,
-        inputs.rollout_weights,
-    )
+    inputs = prepare_loss_inputs(raw)
+    out = _per_token(inputs, config)
     zero = torch.zeros((), dtype=out.loss.dtype, device=out.loss.device)
     out.loss = torch.where(inputs.mask, out.loss, zero)
     return out

@@ -178,3 +178,23 @@ def make_inputs(seed: int, batch: int, length: int, with_ref: bool, garbage: boo
             if t[key] is not None:
                 t[key] = t[key].masked_fill(~t["mask"], float("nan"))
     return (lp, lo, lref, a, mask), t
+
+
+def token_level_cases() -> list[tuple[str, dict]]:
+    """Every token-level algo x kl (or estimator) x clip mode, CISPO's lower clip, the other presets."""
+    import itertools
+
+    from rpg_kernels.config import KL_ESTIMATORS, KLS
+
+    cases = [("rpg", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "dual")]
+    cases += [("rpg_reinforce", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "truncate", "dual")]
+    for algo in ("grpo", "cispo"):
+        for est, mode in itertools.product((None,) + KL_ESTIMATORS, ("none", "dual")):
+            cases.append((algo, dict(kl_estimator=est, clip_mode=mode)))
+    cases.append(("cispo", dict(eps_low=0.2)))
+    cases += [(algo, {}) for algo in ("dapo", "dr_grpo", "reinforce_pp")]
+    return cases
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    return "-".join([case[0]] + [str(v) for v in case[1].values()])

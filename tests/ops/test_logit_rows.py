@@ -5,18 +5,17 @@ would be) and writes statistics, the per-token loss and ``dz``. It has no ``tl.d
 stores are tested here too.
 """
 
-import itertools
 import zlib
 
 import pytest
 import torch
 
 from rpg_kernels import LossConfig
-from rpg_kernels.config import KL_ESTIMATORS, KLS
 from rpg_kernels.loss.token_losses import token_losses
 from rpg_kernels.ops.dispatch import triton_interpreter_enabled
 from rpg_kernels.ops.logit_rows import MODE_GRADS, MODE_LOSS, MODE_STATS, launch_logit_rows
 from rpg_kernels.ops.token_loss_epilogue import ZONE_DUAL, ZONE_HIGH, ZONE_LOW
+from tests.loss.loss_reference import case_id, token_level_cases
 from tests.ops.ops_reference import assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -110,22 +109,7 @@ def test_grads_mode_writes_dz(seed, rows, vocab, dz_dtype, in_place):
     assert_close("dz", dz, dz_ref, tol)
 
 
-def loss_cases():
-    """Every token-level algo x kl (or estimator) x clip mode, as the epilogue tests cover them."""
-    cases = [("rpg", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "dual")]
-    cases += [("rpg_reinforce", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "truncate", "dual")]
-    for algo in ("grpo", "cispo"):
-        for est, mode in itertools.product((None,) + KL_ESTIMATORS, ("none", "dual")):
-            cases.append((algo, dict(kl_estimator=est, clip_mode=mode)))
-    cases.append(("cispo", dict(eps_low=0.2)))
-    return cases
-
-
-def case_id(case):
-    return "-".join([case[0]] + [str(v) for v in case[1].values()])
-
-
-@pytest.mark.parametrize("case", loss_cases(), ids=case_id)
+@pytest.mark.parametrize("case", token_level_cases(), ids=case_id)
 def test_loss_mode_matches_the_per_token_loss(case):
     """MODE_LOSS: log-prob, per-token loss, kl, ratio, zone and dz equal float64 autograd through the
     PyTorch per-token loss, with and without a reference and a rollout weight."""

@@ -1,7 +1,6 @@
 """The Triton per-token loss epilogue against the PyTorch path (interpreter on CPU), and its
 ahead-of-time compilation for sm_80 / sm_90."""
 
-import itertools
 import zlib
 
 import numpy as np
@@ -9,12 +8,12 @@ import pytest
 import torch
 
 from rpg_kernels import LossConfig
-from rpg_kernels.config import KL_ESTIMATORS, KLS
+from rpg_kernels.config import KLS
 from rpg_kernels.loss import loss_and_logprob_grads
 from rpg_kernels.loss.aggregation import aggregation_weights
 from rpg_kernels.loss.inputs import prepare_loss_inputs, validate_loss_inputs
 from rpg_kernels.loss.token_losses import token_losses
-from tests.loss.loss_reference import make_inputs, value_and_grad
+from tests.loss.loss_reference import case_id, make_inputs, token_level_cases, value_and_grad
 
 triton = pytest.importorskip("triton")
 epilogue = pytest.importorskip("rpg_kernels.ops.token_loss_epilogue")
@@ -37,22 +36,6 @@ def grads_by(backend, logprobs, old, adv, mask, ref=None, config=None, num_items
     )
     grad_entropy = None if entropy is None else grad_entropy.to(entropy.dtype)
     return loss, grad.to(logprobs.dtype).reshape(logprobs.shape), grad_entropy, metrics
-
-
-def token_level_cases():
-    """Every token-level algo x kl (or estimator) x clip mode."""
-    cases = [("rpg", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "dual")]
-    cases += [("rpg_reinforce", dict(kl=kl, clip_mode=m)) for kl in KLS for m in ("none", "truncate", "dual")]
-    for algo in ("grpo", "cispo"):
-        for est, mode in itertools.product((None,) + KL_ESTIMATORS, ("none", "dual")):
-            cases.append((algo, dict(kl_estimator=est, clip_mode=mode)))
-    cases += [(algo, {}) for algo in ("dapo", "dr_grpo", "reinforce_pp")]
-    return cases
-
-
-def case_id(case):
-    algo, overrides = case
-    return "-".join([algo] + [str(v) for v in overrides.values()])
 
 
 def to_device(t):
