@@ -49,7 +49,7 @@ from packaging.version import Version
 from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 
-from rpg_kernels.config import RPG_ALGOS, LossConfig
+from rpg_kernels.config import BACKENDS, RPG_ALGOS, LossConfig
 from rpg_kernels.integrations.hf import (
     completion_hidden_states,
     lm_head_params,
@@ -84,7 +84,6 @@ _AGG_OF_LOSS_TYPE = {
     "dr_grpo": "token-mean",  # with num_items = B * max_completion_length, as TRL normalises
 }
 _REFERENCES = ("old", "model")
-_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -156,8 +155,8 @@ def loss_config_from_grpo_args(args: GRPOConfig) -> LossConfig:
     _check_supported(args)
     reference_mode(args)
     backend = _rpg_option(args, "rpg_backend", "auto")
-    if backend not in _BACKENDS:
-        raise ValueError(f"rpg_backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"rpg_backend: expected one of {BACKENDS}, got {backend!r}")
     algo = _rpg_option(args, "rpg_algo", None)
     sequence_level = args.importance_sampling_level == "sequence"
     eps_low = args.epsilon
