@@ -94,7 +94,7 @@ def head_loss(
     # masked-out tokens run nowhere: every backend skips tokens without a target
     head = replace(head, targets=torch.where(inputs.mask.reshape(-1), head.targets, head.ignore_index))
     dtype = torch.promote_types(inputs.dtype, chunked.compute_dtype(head.hidden.dtype))
-    prepared = prepare_loss_inputs(_with_dtype(inputs, dtype))
+    prepared = prepare_loss_inputs(replace(inputs, dtype=dtype))
     weights = aggregation_weights(prepared.mask, config.agg, num_items, dtype, config.max_completion_length)
     need_grads = any(options.need)
     if need_grads and supports_streaming(config):
@@ -141,10 +141,6 @@ def head_loss(
     grads = head_logprob_grads(head, lse, entropy.reshape(-1), upstream, options)
     options.lap("finish")
     return loss, metrics, grads
-
-
-def _with_dtype(inputs: LossInputs, dtype: torch.dtype) -> LossInputs:
-    return replace(inputs, dtype=dtype)
 
 
 def _single_pass_loss(
