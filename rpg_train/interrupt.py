@@ -55,7 +55,8 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """The run's handler for SIGINT/SIGTERM (a context manager; a no-op outside the main thread).
+    """The run's handler for SIGINT/SIGTERM (a context manager; a no-op outside the main thread, and for a
+    signal the process was started ignoring).
 
     ``abandon_steps``: whether a step may be abandoned before its first optimizer step (one process).
     """
@@ -69,7 +70,9 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         global _ACTIVE
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+            # a signal the parent ignores stays ignored (nohup; SIGINT of a background job in a script)
+            ignored = {sig for sig in SIGNALS if signal.getsignal(sig) is signal.SIG_IGN}
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS if sig not in ignored}
             _ACTIVE = self
         return self
 

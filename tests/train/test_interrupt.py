@@ -50,3 +50,13 @@ def test_several_ranks_finish_the_step_and_outside_the_steps_the_run_stops_at_on
             send(signal.SIGINT)
         assert not abandoned.value.before_update and abandoned.value.exit_code == 130
     interrupt.mark("step")  # no handler installed: nothing to mark
+
+
+def test_a_signal_the_parent_ignores_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as nohup, or a script's background job
+    try:
+        with StopRequest(abandon_steps=True):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # ours
+    finally:
+        signal.signal(signal.SIGINT, previous)
