@@ -7,23 +7,31 @@ Examples::
     python -m rpg_train --preset rpg --set model.path=/models/Qwen2.5-Math-7B \\
         --set data.train_file=/data/dapo-math-17k.parquet --set data.eval_file=/data/aime24.jsonl
     python -m rpg_train --config runs/tiny/config.yaml --resume
+    python -m rpg_train --preset tiny --overwrite       # replace the run in runs/tiny
     python -m rpg_train --config runs/tiny/config.yaml --export   # newest checkpoint -> runs/tiny/final/
     torchrun --nproc_per_node=2 -m rpg_train --preset tiny --set train.parallel=fsdp
+
+Exit status: 0 done; 2 a configuration error (one line on stderr) or a diverged run; 130 / 143 stopped by
+SIGINT / SIGTERM, with a checkpoint to --resume from (the message says where).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 from pathlib import Path
 
-from rpg_train.config import PRESETS, Config, build_config
+from rpg_train.config import PRESETS, Config, ConfigError, build_config
+
+PROG = "python -m rpg_train"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m rpg_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named base configuration")
     parser.add_argument("--config", help="YAML file (same layout as the saved config.yaml)")
@@ -37,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", help="output folder (train.out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the checkpoints, metrics and final/ of the run already in --out, then start anew",
+    )
     parser.add_argument(
         "--export",
         action="store_true",
@@ -66,10 +79,20 @@ def export_latest(cfg: Config) -> int:
     return 0
 
 
+def config_error(message: str) -> int:
+    """argparse's way: one line on stderr, exit status 2."""
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
-    cfg = build_config(args.preset, args.config, overrides)
+    # --out is a path, never YAML: quoted (a JSON string is a YAML scalar)
+    overrides = list(args.overrides) + ([f"train.out_dir={json.dumps(args.out)}"] if args.out else [])
+    try:
+        cfg = build_config(args.preset, args.config, overrides)
+    except ConfigError as err:
+        return config_error(str(err))
     if int(os.environ.get("RANK", "0")) == 0:
         print(cfg.to_yaml(), end="", flush=True)
     if args.print_config:
@@ -83,13 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():  # vLLM on CPU: engine in this process, small KV cache (unless set)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from rpg_train.interrupt import Interrupted, StepAbandoned
     from rpg_train.train import TrainingDiverged, train
 
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except ConfigError as err:  # found at start-up (the folder, the prompts, a path): before any training
+        return config_error(str(err))
     except TrainingDiverged as err:
         print(f"rpg_train: stopped: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # the message, with the checkpoint, is printed already
+        return err.exit_code
+    except StepAbandoned as err:  # outside the steps (loading, export): nothing new to checkpoint
+        print(f"rpg_train: {signal.Signals(err.signum).name}: stopped; the checkpoints are as they were")
+        return err.exit_code
     return 0
 
 

@@ -10,10 +10,14 @@ One checkpoint is a folder ``<out>/checkpoints/step-XXXXXXXX/``:
     manifest.json               written last: the size of every file above
 
 Writing (collective): every rank writes into ``.step-XXXXXXXX.tmp/`` (DCP fsyncs its files), rank 0 adds
-``trainer.pt`` and the manifest, renames the folder (the commit) and prunes all but the newest ``keep``
-(renamed away before they are deleted). A crash at any moment, SIGKILL included, leaves every committed
-checkpoint as it was. `list_checkpoints` is the one place that decides which folders are complete
-checkpoints (name, manifest, every file's size), so a torn or truncated one is never picked.
+``trainer.pt`` and the manifest, renames the folder (the commit) and prunes the older ones down to the
+newest ``keep`` (renamed away before they are deleted). Pruning only looks at steps up to the one just
+written: a checkpoint of a later step is not of this run's past (e.g. an unreadable one a resume fell back
+from) and is left for the same step's save to replace. A crash at any moment, SIGKILL included, leaves
+every committed checkpoint as it was, and `clean_temporaries` removes what it left half-written.
+`list_checkpoints` is the one place that decides which folders are complete checkpoints (name, manifest,
+every file's size), so a torn or truncated one is never picked; one whose files are all there but do not
+read back (zeroed blocks after a crash, say) raises `UnreadableCheckpoint` naming it.
 
 Reading: DCP loads a checkpoint written by any number of ranks, in either parallel mode, into this run's
 layout (it reshards). What each rank needs beyond that (its RNG states and data position) is in
@@ -44,7 +48,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 _NAME = re.compile(r"^step-(\d{8})$")
+_TEMPORARY = re.compile(r"^\.step-\d{8}\.(tmp|deleting)$")
 TRAINER_FILE, MANIFEST_FILE, DCP_METADATA = "trainer.pt", "manifest.json", ".metadata"
+
+
+class UnreadableCheckpoint(RuntimeError):
+    """A checkpoint whose files are all there but do not load (the message names it)."""
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -135,6 +144,32 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def step_of(path: str | Path) -> int:
+    """The step of checkpoint folder ``path`` (``step-00000042`` -> 42)."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint folder (step-XXXXXXXX)")
+    return int(match.group(1))
+
+
+def step_folders(out_dir: str | Path) -> list[Path]:
+    """Every ``step-XXXXXXXX`` folder under ``out_dir``, complete or not, oldest first."""
+    folder = checkpoint_dir(out_dir)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=step_of)
+
+
+def clean_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove what interrupted writes and deletions left (``.step-XXXXXXXX.tmp`` / ``.deleting``, up to a
+    whole checkpoint each); returns the removed paths. Only the run that owns ``out_dir`` may call it."""
+    folder = checkpoint_dir(out_dir)
+    removed = [p for p in folder.iterdir() if _TEMPORARY.match(p.name)] if folder.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
 def _tensor_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, reference: nn.Module | None
 ) -> dict[str, Any]:
@@ -191,8 +226,8 @@ def save_checkpoint(
         _remove(final)  # a same-step folder that was not complete, or the step saved again
         os.replace(tmp, final)
         _fsync(folder)
-        if keep > 0:
-            for old in list_checkpoints(out_dir)[:-keep]:
+        if keep > 0:  # this run's past only: a later step's folder is not one of its checkpoints
+            for old in [p for p in list_checkpoints(out_dir) if step_of(p) <= step][:-keep]:
                 _remove(old)
     _barrier()
     return final
@@ -203,8 +238,15 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"no complete checkpoint at {path}")
-    # our own file: RNG states (numpy arrays, python tuples) need the full unpickler
-    return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    try:
+        # our own file: RNG states (numpy arrays, python tuples) need the full unpickler
+        return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UnreadableCheckpoint(f"{path / TRAINER_FILE}: does not load ({_short(err)})") from err
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
 
 
 def load_checkpoint(
@@ -225,8 +267,11 @@ def load_checkpoint(
             "resume with the algo.ref_update it was written with"
         )
     state = _tensor_state(model, optimizer, reference)
-    with _one_process_is_meant():
-        dcp.load(state, checkpoint_id=path)
+    try:
+        with _one_process_is_meant():
+            dcp.load(state, checkpoint_id=path)
+    except (Exception, dcp.api.CheckpointException) as err:  # DCP's is a BaseException
+        raise UnreadableCheckpoint(f"{path}: the weights do not load ({_short(err)})") from err
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if reference is not None:
         set_model_state_dict(reference, state["reference"])

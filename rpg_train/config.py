@@ -5,12 +5,20 @@ A run's configuration is built in three layers, each overriding the one before::
     preset (PRESETS[name])  ->  YAML file (--config)  ->  --set section.key=value
 
 and saved beside the run as ``config.yaml`` (which ``--config`` accepts back).
+
+Every value is converted to its field's annotated type as it is set (``"1e-3"`` -> ``0.001`` for a float,
+``"none"`` -> ``None`` for an optional field), and `validate` then checks every field's range and the
+fields against each other, so a bad value fails here, naming the field, before any model loads. All of
+these errors are `ConfigError` (a ``ValueError``), which the CLI prints as one line (exit status 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +27,19 @@ import yaml
 
 PARALLEL_MODES = ("ddp", "fsdp")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+# TRL's four modes (rpg_kernels.config.ROLLOUT_IS_MODES), for algo.rollout_correction
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# advantage estimators whose baseline is the prompt's group: with one completion per prompt they are 0
+GROUP_ESTIMATORS = ("group_mean", "group_normalized", "rloo")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, named by its field (the CLI exits with status 2)."""
+
+
+class ConfigFileNotFound(ConfigError, FileNotFoundError):
+    """A file the configuration names does not exist."""
 
 
 @dataclass
@@ -39,6 +60,9 @@ class DataConfig:
     reward: str = "math"  # rpg_train.rewards.make_reward_fn name
     overlong_buffer: int = 0  # DAPO soft overlong penalty length (0 = off)
     tiny_seed: int | None = None  # seed of the generated tiny model/task; None = train.seed
+    # prompts longer than rollout.max_model_len - rollout.max_tokens: an error naming the row (false) or
+    # skipped with a count (true)
+    drop_long_prompts: bool = False
 
 
 @dataclass
@@ -66,6 +90,11 @@ class AlgoConfig:
     ref_kl_threshold: float = 0.05  # moving-average token KL that triggers an update (kl_threshold)
     ref_kl_ema: float = 0.9  # smoothing of that moving average
     loss_backend: str = "auto"  # rpg_kernels backend: auto | triton | torch
+    # the rollout (training-inference mismatch) correction, docs/MATH.md §9: None (off; the mismatch is
+    # still logged) or one of ROLLOUT_CORRECTIONS, with its bounds (None: open on that side)
+    rollout_correction: str | None = None
+    rollout_correction_min: float | None = None
+    rollout_correction_max: float | None = 3.0
 
 
 @dataclass
@@ -98,7 +127,12 @@ class TrainConfig:
         "auto"  # auto (bfloat16 after a CUDA run, else float32) | float32 | bfloat16 | float16
     )
     out_dir: str = "runs/rpg"
-    progress: bool = True
+    progress: bool = True  # a live bar when stderr is a terminal; one line per step otherwise
+    log_every: int = 1  # rollout steps between the one-line step logs (0 = none)
+    report_to: str = (
+        "none"  # none | tensorboard (out_dir/tensorboard/) | wandb (WANDB_MODE=offline: no network)
+    )
+    wandb_project: str = "rpg_train"
 
 
 @dataclass
@@ -128,6 +162,11 @@ _PAPER_MATH = {  # RPG paper, Qwen-2.5 math runs (DAPO-Math-17k): GPU, user-give
         "loss": "rpg_reinforce",
         "advantage": "rpg",
         "loss_overrides": {"kl": "urkl", "beta": 1e-4, "eps_low": 0.2, "eps_high": 0.28, "clip_c": 10.0},
+        # bf16 vLLM samples from a slightly different policy than the trainer computes: TRL's default
+        # correction (docs/TRAINING.md, "The rollout correction")
+        "rollout_correction": "sequence_mask",
+        "rollout_correction_min": None,
+        "rollout_correction_max": 3.0,
     },
     "optim": {"lr": 1e-6, "weight_decay": 0.1, "grad_clip": 1.0, "warmup_steps": 10},
     "model": {"dtype": "float32", "gradient_checkpointing": True},  # fp32 master weights, bf16 compute
@@ -219,56 +258,105 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _apply(obj: Any, updates: dict[str, Any], where: str) -> None:
-    """Set fields of dataclass ``obj`` from ``updates`` (nested dicts for nested dataclasses)."""
+    """Set fields of dataclass ``obj`` from ``updates`` (nested dicts for nested dataclasses), each
+    converted to its annotated type."""
     names = {f.name: f for f in fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in updates.items():
         if key not in names:
-            raise ValueError(f"unknown config key {where}{key!r}; known: {sorted(names)}")
+            raise ConfigError(f"unknown config key {where}{key!r}; known: {sorted(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"config key {where}{key} is a section; give a mapping, got {value!r}")
+                raise ConfigError(f"config key {where}{key} is a section; give a mapping, got {value!r}")
             _apply(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, f"{where}{key}"))
+            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
-    """Convert ``value`` to the type of the current value (YAML/CLI strings, lists for tuples)."""
-    if isinstance(current, bool):
+def _number(value: Any, name: str, kind: type) -> int | float:
+    """``value`` (a number or a numeric string; never a boolean) as a finite ``kind``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"config key {name} must be a number, got {value!r}")
+    if kind is int and isinstance(value, int):
+        return value
+    try:
+        number = int(value) if kind is int and isinstance(value, str) and value.strip().isdigit() else None
+        number = float(value) if number is None else number
+    except ValueError:
+        raise ConfigError(f"config key {name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"config key {name} must be a finite number, got {value!r}")
+    if kind is int:
+        if number != int(number):
+            raise ConfigError(f"config key {name} must be an integer, got {value!r}")
+        return int(number)
+    return float(number)
+
+
+def _numbers_in(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Numeric strings of a free-form mapping as numbers: YAML 1.1 reads ``1e-3`` (no dot) as a string."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """``value`` (from YAML or the CLI) converted to the annotated type ``hint``, or a `ConfigError`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: the only unions here
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if hint is bool:
         if isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
         if not isinstance(value, bool):
-            raise ValueError(f"config key {name} must be a boolean, got {value!r}")
+            raise ConfigError(f"config key {name} must be a boolean, got {value!r}")
         return value
-    if isinstance(current, tuple):
-        return tuple(value)
-    if isinstance(current, (int, float)) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {name} must be a number, got {value!r}") from None
-        if isinstance(current, int) and not isinstance(current, bool):
-            if number != int(number):
-                raise ValueError(f"config key {name} must be an integer, got {value!r}")
-            return int(number)
-        return number
+    if hint in (int, float):
+        return _number(value, name, hint)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a path or name that YAML read as a number
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {name} must be a string, got {value!r}")
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key {name} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, arg, f"{name}[{i}]") for i, (v, arg) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name} must be a mapping, got {value!r}")
+        return _numbers_in(value)
     return value
 
 
 def parse_override(text: str) -> dict[str, Any]:
     """``"optim.lr=1e-5"`` -> ``{"optim": {"lr": 1e-5}}`` (the value is parsed as YAML)."""
     if "=" not in text:
-        raise ValueError(f"--set expects section.key=value, got {text!r}")
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"--set {text}: the value is not valid YAML ({' '.join(str(err).split())})"
+        ) from None
     out: dict[str, Any] = value
     for part in reversed(dotted.strip().split(".")):
         if not part:
-            raise ValueError(f"--set key {dotted!r} has an empty part")
+            raise ConfigError(f"--set key {dotted!r} has an empty part")
         out = {part: out}
     return out
 
@@ -276,10 +364,13 @@ def parse_override(text: str) -> dict[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigFileNotFound(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
     return data
 
 
@@ -298,7 +389,7 @@ def build_config(
     file_data.pop("preset", None)
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         layers.append((PRESETS[preset], f"preset {preset}: "))
     layers.append((file_data, f"{config_file}: "))
     layers += [(parse_override(text), f"--set {text}: ") for text in overrides]
@@ -306,51 +397,199 @@ def build_config(
     for updates, origin in layers:
         try:
             _apply(cfg, updates, "")
-        except ValueError as err:
-            raise ValueError(f"{origin}{err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{origin}{err}") from None
     validate(cfg)
     return cfg
 
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _normalise(obj: Any, where: str = "") -> None:
+    """Convert every field of ``obj`` (a Config built in Python, say) to its annotated type, in place."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _normalise(value, f"{where}{f.name}.")
+        else:
+            setattr(obj, f.name, _coerce(value, hints[f.name], f"{where}{f.name}"))
+
+
+def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    _check(value in valid, f"{name} must be one of {', '.join(map(str, valid))}; got {value!r}")
+
+
+def loss_config(cfg: Config) -> Any:
+    """The run's `rpg_kernels.LossConfig`: ``algo.loss``'s preset, ``algo.loss_overrides`` and the rollout
+    correction; a `ConfigError` naming the ``algo`` field at fault."""
+    import rpg_kernels as rk
+    from rpg_kernels.config import PRESETS as LOSS_PRESETS
+
+    a = cfg.algo
+    _one_of("algo.loss", a.loss, tuple(LOSS_PRESETS))
+    given = sorted(k for k in a.loss_overrides if k.startswith("rollout_is"))
+    _check(
+        not given,
+        f"algo.loss_overrides: set the rollout correction with algo.rollout_correction*, not {given}",
+    )
+    try:
+        base = rk.LossConfig.preset(a.loss, **a.loss_overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"algo.loss_overrides (algo.loss={a.loss}): {err}") from None
+    if a.rollout_correction is not None:
+        _one_of("algo.rollout_correction", a.rollout_correction, ROLLOUT_CORRECTIONS)
+    try:
+        return base.replace(
+            rollout_is=a.rollout_correction,
+            rollout_is_min=a.rollout_correction_min,
+            rollout_is_max=a.rollout_correction_max,
+        )
+    except (TypeError, ValueError) as err:
+        message = (
+            str(err)
+            .replace("rollout_is_", "algo.rollout_correction_")
+            .replace("rollout_is", "algo.rollout_correction")
+        )
+        raise ConfigError(message) from None
+
+
 def validate(cfg: Config) -> None:
-    """Cheap consistency checks; the library validates the loss settings itself."""
-    t, r, a = cfg.train, cfg.rollout, cfg.algo
-    for name, value in [
-        ("train.steps", t.steps),
-        ("train.prompts_per_step", t.prompts_per_step),
-        ("train.mini_batch_prompts", t.mini_batch_prompts),
-        ("train.micro_batch_seqs", t.micro_batch_seqs),
-        ("rollout.group_size", r.group_size),
-        ("rollout.max_tokens", r.max_tokens),
+    """Every field's type and range, and the fields against each other (a `ConfigError` naming the field).
+
+    Cheap and import-light (no model, no data): `build_config` calls it, so a bad value fails before
+    anything loads. The prompts' lengths are checked when they are read (`rpg_train.data`).
+    """
+    from rpg_kernels.advantages import _ALIASES, ADVANTAGE_ESTIMATORS  # the names compute_advantages takes
+    from rpg_train.rewards import REWARD_NAMES
+
+    _normalise(cfg)
+    t, r, a, o, d = cfg.train, cfg.rollout, cfg.algo, cfg.optim, cfg.data
+    for name, value, low in [
+        ("train.steps", t.steps, 1),
+        ("train.prompts_per_step", t.prompts_per_step, 1),
+        ("train.mini_batch_prompts", t.mini_batch_prompts, 1),
+        ("train.micro_batch_seqs", t.micro_batch_seqs, 1),
+        ("train.eval_samples", t.eval_samples, 1),
+        ("train.eval_max_prompts", t.eval_max_prompts, 1),
+        ("rollout.group_size", r.group_size, 1),
+        ("rollout.max_tokens", r.max_tokens, 1),
+        ("rollout.max_model_len", r.max_model_len, 2),
+        ("algo.ref_update_k", a.ref_update_k, 1),
+        ("train.eval_every", t.eval_every, 0),
+        ("train.checkpoint_every", t.checkpoint_every, 0),
+        ("train.keep_checkpoints", t.keep_checkpoints, 0),
+        ("train.log_every", t.log_every, 0),
+        ("optim.warmup_steps", o.warmup_steps, 0),
+        ("algo.dynamic_sampling_max_tries", a.dynamic_sampling_max_tries, 0),
+        ("data.overlong_buffer", d.overlong_buffer, 0),
     ]:
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if t.prompts_per_step % t.mini_batch_prompts:
-        raise ValueError(
-            f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of "
-            f"train.mini_batch_prompts ({t.mini_batch_prompts})"
-        )
-    if a.ref_update not in ("every_step", "every_k", "kl_threshold", "never"):
-        raise ValueError(
-            f"algo.ref_update must be every_step, every_k, kl_threshold or never; got {a.ref_update!r}"
-        )
-    if r.backend not in ("auto", "vllm", "hf"):
-        raise ValueError(f"rollout.backend must be auto, vllm or hf; got {r.backend!r}")
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda; got {t.device!r}")
-    if t.parallel not in PARALLEL_MODES:
-        raise ValueError(f"train.parallel must be one of {PARALLEL_MODES}; got {t.parallel!r}")
-    if t.fsdp_offload and t.parallel != "fsdp":
-        raise ValueError(f"train.fsdp_offload needs train.parallel=fsdp; got train.parallel={t.parallel!r}")
-    if t.export_dtype not in EXPORT_DTYPES:
-        raise ValueError(f"train.export_dtype must be one of {EXPORT_DTYPES}; got {t.export_dtype!r}")
-    if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"model.dtype must be auto, float32 or bfloat16; got {cfg.model.dtype!r}")
-    if (cfg.model.path is None) != (cfg.data.train_file is None):
-        raise ValueError(
-            "give both model.path and data.train_file (a real run) or neither (the tiny task); "
-            f"got model.path={cfg.model.path!r}, data.train_file={cfg.data.train_file!r}"
-        )
+        _check(value >= low, f"{name} must be >= {low}, got {value}")
+    for name, value, ok, want in [
+        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip > 0, "> 0"),
+        ("optim.betas", o.betas, all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+        # the trainer's log-probs divide the logits by it: 0 (greedy) has no log-probs to train on
+        (
+            "rollout.temperature",
+            r.temperature,
+            r.temperature > 0,
+            "> 0 (greedy sampling cannot be trained on)",
+        ),
+        (
+            "rollout.gpu_memory_utilization",
+            r.gpu_memory_utilization,
+            0 < r.gpu_memory_utilization <= 1,
+            "in (0, 1]",
+        ),
+        ("train.eval_temperature", t.eval_temperature, t.eval_temperature >= 0, ">= 0"),
+        ("algo.reward_kl_beta", a.reward_kl_beta, a.reward_kl_beta >= 0, ">= 0"),
+        ("algo.ref_kl_threshold", a.ref_kl_threshold, a.ref_kl_threshold > 0, "> 0"),
+        ("algo.ref_kl_ema", a.ref_kl_ema, 0 <= a.ref_kl_ema < 1, "in [0, 1)"),
+    ]:
+        _check(ok, f"{name} must be {want}, got {value}")
+    _check(
+        r.max_tokens < r.max_model_len,
+        f"rollout.max_tokens ({r.max_tokens}) must be < rollout.max_model_len ({r.max_model_len}): a "
+        "prompt and its completion must fit the engine's context",
+    )
+    _check(
+        t.prompts_per_step % t.mini_batch_prompts == 0,
+        f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of "
+        f"train.mini_batch_prompts ({t.mini_batch_prompts})",
+    )
+    _one_of("algo.ref_update", a.ref_update, ("every_step", "every_k", "kl_threshold", "never"))
+    _one_of("algo.loss_backend", a.loss_backend, ("auto", "triton", "torch"))
+    advantages = (*ADVANTAGE_ESTIMATORS, *_ALIASES)
+    _one_of("algo.advantage", a.advantage, advantages)
+    estimator = _ALIASES.get(a.advantage, a.advantage)
+    _check(
+        r.group_size > 1 or estimator not in GROUP_ESTIMATORS,
+        f"rollout.group_size=1 with algo.advantage={a.advantage} ({estimator}): the baseline is the "
+        "group's own reward, so every advantage is 0 and nothing trains; use rollout.group_size >= 2 or "
+        "algo.advantage=batch_mean / reinforce_pp",
+    )
+    loss_config(cfg)
+    _one_of("rollout.backend", r.backend, ("auto", "vllm", "hf"))
+    _one_of("data.reward", d.reward, REWARD_NAMES)
+    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+    _one_of("train.parallel", t.parallel, PARALLEL_MODES)
+    _check(
+        not t.fsdp_offload or t.parallel == "fsdp",
+        f"train.fsdp_offload needs train.parallel=fsdp; got train.parallel={t.parallel!r}",
+    )
+    _one_of("train.export_dtype", t.export_dtype, EXPORT_DTYPES)
+    _one_of("train.report_to", t.report_to, REPORT_TO)
+    _one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16"))
+    _check(
+        (cfg.model.path is None) == (d.train_file is None),
+        "give both model.path and data.train_file (a real run) or neither (the tiny task); "
+        f"got model.path={cfg.model.path!r}, data.train_file={d.train_file!r}",
+    )
+
+
+# what a resumed run may change without leaving the trajectory of the run it continues
+_RESUME_FREE = {
+    "train.steps",
+    "train.out_dir",
+    "train.progress",
+    "train.log_every",
+    "train.report_to",
+    "train.wandb_project",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.export",
+    "train.export_dtype",
+    "train.eval_every",
+    "train.eval_samples",
+    "train.eval_max_prompts",
+    "train.eval_temperature",
+}
+
+
+def _flat(data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "loss_overrides":
+            out.update(_flat(value, f"{where}{key}."))
+        else:
+            out[f"{where}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """``"key: saved -> now"`` for every field that differs from ``saved`` (a checkpoint's
+    ``Config.to_dict()``) and changes the training (steps, output, logging and evaluation are free)."""
+    before, now = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(cfg.to_dict())))
+    return [
+        f"{key}: {before[key]!r} -> {now[key]!r}"
+        for key in now
+        if key in before and key not in _RESUME_FREE and before[key] != now[key]
+    ]
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -38,6 +38,7 @@ class Prompt:
     text: str
     token_ids: list[int]
     answer: str
+    row: int = 0  # 1-based row of its file (0: not from a file)
 
 
 @dataclass(frozen=True)
@@ -193,11 +194,26 @@ def load_prompts(
         token_ids = list(tokenizer(text, add_special_tokens=not chat_template)["input_ids"])
         if not token_ids:
             raise ValueError(f"{where}: field {schema.prompt_key!r} tokenises to nothing")
-        prompts.append(
-            Prompt(text=text, token_ids=token_ids, answer=_answer_text(answer_value, schema, where))
-        )
+        answer = _answer_text(answer_value, schema, where)
+        prompts.append(Prompt(text=text, token_ids=token_ids, answer=answer, row=row_number))
     logger.info("loaded %d prompts from %s (%s schema)", len(prompts), path, schema.name)
     return prompts
+
+
+def check_prompt_lengths(
+    prompts: list[Prompt], path: str | Path, max_prompt_tokens: int, *, drop: bool, why: str = ""
+) -> tuple[list[Prompt], int]:
+    """The prompts of at most ``max_prompt_tokens`` tokens and how many were longer (``drop``), or a
+    ``ValueError`` naming the file and row of the first longer one (``why``: where the limit comes from)."""
+    kept = [p for p in prompts if len(p.token_ids) <= max_prompt_tokens]
+    if len(kept) < len(prompts) and not drop:
+        first = next(p for p in prompts if len(p.token_ids) > max_prompt_tokens)
+        raise ValueError(
+            f"{path}: row {first.row}: the prompt has {len(first.token_ids)} tokens, more than "
+            f"{max_prompt_tokens}{f' ({why})' if why else ''}; {len(prompts) - len(kept)} of the file's "
+            f"{len(prompts)} prompts are too long"
+        )
+    return kept, len(prompts) - len(kept)
 
 
 def shard(prompts: Sequence[Prompt], rank: int, world_size: int) -> list[Prompt]:

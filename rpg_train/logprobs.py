@@ -132,11 +132,13 @@ class PolicyLoss(nn.Module):
         ref_logprobs: Tensor | None = None,
         *,
         num_items: float | None,
+        rollout_logprobs: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one micro-batch (0-d, differentiable) and its metrics (0-d tensors, not synced).
 
         ``old_logprobs``/``ref_logprobs`` ``[B, K]`` float32 aligned with ``batch.targets``; ``advantages``
-        ``[B]`` or ``[B, K]``; ``num_items`` the global normaliser (see ``rpg_kernels.loss``).
+        ``[B]`` or ``[B, K]``; ``num_items`` the global normaliser (see ``rpg_kernels.loss``);
+        ``rollout_logprobs`` ``[B, K]`` the engine's (NaN: unscored), for ``loss_config.rollout_is``.
         """
         if self.loss_config is None:
             raise RuntimeError("this PolicyLoss has no loss_config: it computes log-probs only")
@@ -155,6 +157,7 @@ class PolicyLoss(nn.Module):
                 bias=bias,
                 entropy_coef=self.entropy_coef,
                 num_items=num_items,
+                rollout_logprobs=rollout_logprobs,
                 backend=self.backend,
             )
 

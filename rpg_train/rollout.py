@@ -5,8 +5,11 @@ vLLM on GPU; one engine per rank, tensor parallel size 1) and otherwise a ``tran
 fallback, announced with a logging warning. Both run in the trainer's process, so ``sync_weights`` copies
 the trainer model's tensors into the engine in memory (no checkpoint on disk).
 
-Log-probs are those of the model's raw next-token distribution (before temperature, top-k/top-p), the
-quantity the trainer recomputes; they equal the sampling distribution's at temperature 1.
+Log-probs are those of the distribution the engine sampled from: the model's next-token distribution at
+the sampling temperature (no top-k/top-p), the quantity the trainer recomputes (its log-probs use
+``rollout.temperature`` too), so that their difference is the training-inference mismatch alone
+(`rpg_train.mismatch`). vLLM gives them with ``logprobs_mode="processed_logprobs"`` (its default, the raw
+logits' log-probs, would differ from the trainer's by the temperature at any temperature but 1).
 A completion's ``token_ids`` include the end-of-sequence token when generation stopped on it (it is an
 action the policy took); ``text`` is decoded without special tokens.
 """
@@ -37,7 +40,8 @@ class Completion:
     """One sampled completion: new token ids (EOS included when it stopped there), their log-probs, text."""
 
     token_ids: list[int]
-    logprobs: list[float] | None  # one per token id, log p(token | prefix) under the engine's weights
+    # one per token id: log p(token | prefix) at the sampling temperature, under the engine's weights
+    logprobs: list[float] | None
     text: str
     finish_reason: str | None = None  # "stop" (EOS) or "length" (max_tokens reached)
 
@@ -159,6 +163,7 @@ class VLLMEngine:
             max_model_len=max_model_len,
             seed=seed,
             tensor_parallel_size=1,
+            logprobs_mode="processed_logprobs",  # after temperature: what the engine sampled from
         )
         self.sleep_mode = self.on_cuda and sleep_mode
         if self.on_cuda:
@@ -322,8 +327,9 @@ class HFEngine:
             )
         self.model.train(was_training)
         new_tokens = out.sequences[:, width:].cpu()  # [P * n, T], prompt-major
-        raw_logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu()  # [P * n, T, V]
-        token_logprobs = raw_logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
+        logits = torch.stack(out.logits, dim=1).float()  # [P * n, T, V], raw (before the temperature)
+        logprobs = (logits / temperature if temperature > 0 else logits).log_softmax(-1).cpu()
+        token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
         completions = []
         for row in range(new_tokens.shape[0]):
             ids = new_tokens[row].tolist()

@@ -2,15 +2,17 @@
 
 `train` reads top to bottom, in this order:
 
-1. ranks, seeds, output folder;
+1. ranks, seeds, the output folder (refused if another run's checkpoints are in it: `rpg_train.outdir`),
+   the SIGINT/SIGTERM handler (`rpg_train.interrupt`);
 2. the task (`load_task`): model folder, tokenizer, prompts sharded by rank, reward function;
 3. the policy (`build_policy`): the causal LM inside a `PolicyLoss`, wrapped by DDP or sharded by FSDP2
    (`rpg_train.parallel`), AdamW and its warm-up schedule, the reference policy;
-4. resume from the newest complete checkpoint (`resume_from`);
+4. resume from the newest checkpoint that loads (`resume_from`);
 5. the rollout engine, which holds its own copy of the weights, synced in memory after every step;
-6. the steps: `train_step` (rollouts -> rewards -> old and reference log-probs -> advantages ->
-   `update_policy`, whose optimizer steps accumulate `forward_backward_step` over micro-batches -> weight
-   sync), then metrics, evaluation and checkpoint;
+6. the steps: `train_step` (rollouts -> rewards -> old and reference log-probs, the engine's beside them
+   (`rpg_train.mismatch`) -> advantages -> `update_policy`, whose optimizer steps accumulate
+   `forward_backward_step` over micro-batches -> weight sync), then metrics, evaluation and checkpoint;
+   on a signal, the step is abandoned or finished and checkpointed (`rpg_train.interrupt`);
 7. the summary and plot and the Hugging Face export ``out_dir/final/``; last (also after an error) the engine,
    the reward pool and the process group are closed.
 
@@ -21,7 +23,8 @@ rollouts, each accumulated over micro-batches of ``micro_batch_seqs`` sequences.
 iterative reference they are also the reference (``ref_logprobs=None``).
 
 Host syncs are deliberate: once per optimizer step (the finiteness check that guards the update), once per
-rollout step for the metrics, and where a collective needs a number (normalisers, evaluation).
+rollout step for the metrics (and the mismatch metrics), and where a collective needs a number
+(normalisers, evaluation, whether a rank was signalled to stop).
 
 Run ``python -m rpg_train --preset tiny`` (CPU demo) or see docs/TRAINING.md for GPU runs.
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +44,20 @@ import torch
 from torch import Tensor, nn
 
 import rpg_kernels as rk
-from rpg_train import checkpoint, distributed, parallel
-from rpg_train.config import Config
+from rpg_train import checkpoint, distributed, interrupt, outdir, parallel
+from rpg_train.config import Config, ConfigError, ConfigFileNotFound, config_differences, loss_config
 from rpg_train.logprobs import PolicyLoss, SequenceBatch, build_batch, sequence_logprobs
-from rpg_train.metrics import MetricsLog, ProgressBar, plot_metrics, read_metrics, summarize
+from rpg_train.metrics import (
+    MetricsLog,
+    ProgressBar,
+    Reporter,
+    check_reporter,
+    plot_metrics,
+    read_metrics,
+    summarize,
+    warn,
+)
+from rpg_train.mismatch import align_rollout_logprobs, mismatch_sums
 from rpg_train.reference import ReferencePolicy
 from rpg_train.seeds import derive_seed, rng_state, seed_everything, set_rng_state
 
@@ -89,7 +103,7 @@ def resolve_assets(cfg: Config, info: distributed.DistInfo) -> Assets:
         ("data.eval_file", cfg.data.eval_file),
     ):
         if value is not None and not Path(value).exists():
-            raise FileNotFoundError(f"{field}: path does not exist: {value}")
+            raise ConfigFileNotFound(f"{field}: path does not exist: {value}")
     eval_file = Path(cfg.data.eval_file) if cfg.data.eval_file else None
     return Assets(Path(cfg.model.path), Path(cfg.data.train_file), eval_file, cfg.data.reward)
 
@@ -99,7 +113,7 @@ class PromptSampler:
 
     def __init__(self, prompts: list, seed: int, rank: int) -> None:
         if not prompts:
-            raise ValueError("data.train_file: no prompts for this rank after sharding")
+            raise ConfigError("data.train_file: no prompts for this rank after sharding")
         self.prompts, self.seed, self.rank, self.position = prompts, seed, rank, 0
         self._epoch, self._permutation = -1, []
 
@@ -134,7 +148,7 @@ def load_task(cfg: Config, info: distributed.DistInfo) -> Task:
     """The model folder, this rank's train/eval prompts (tokenised, sharded) and the reward function."""
     from transformers import AutoTokenizer
 
-    from rpg_train.data import load_prompts, shard
+    from rpg_train.data import check_prompt_lengths, load_prompts, shard
     from rpg_train.rewards import make_reward_fn
 
     assets = resolve_assets(cfg, info)
@@ -143,10 +157,30 @@ def load_task(cfg: Config, info: distributed.DistInfo) -> Task:
     data_kw = dict(
         prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key, chat_template=cfg.data.chat_template
     )
-    train_prompts = shard(load_prompts(assets.train_file, tokenizer, **data_kw), info.rank, info.world_size)
+    r = cfg.rollout
+    limit = r.max_model_len - r.max_tokens  # a prompt and its longest completion fit the engine's context
+    why = f"rollout.max_model_len {r.max_model_len} - rollout.max_tokens {r.max_tokens}"
+
+    def read(field: str, path: Path) -> list[Prompt]:
+        """The file's prompts, each checked against ``limit`` now rather than at the step that samples it."""
+        try:
+            prompts = load_prompts(path, tokenizer, **data_kw)
+            prompts, dropped = check_prompt_lengths(
+                prompts, path, limit, drop=cfg.data.drop_long_prompts, why=why
+            )
+        except ValueError as err:
+            hint = "" if "tokens, more than" not in str(err) else "; data.drop_long_prompts=true skips them"
+            raise ConfigError(f"{field}: {err}{hint}") from None
+        if dropped and info.is_main:
+            print(f"rpg_train: {field}: dropped {dropped} prompt(s) longer than {limit} tokens ({why})")
+        if not prompts:
+            raise ConfigError(f"{field}: no prompt of {path} fits {limit} tokens ({why})")
+        return prompts
+
+    train_prompts = shard(read("data.train_file", assets.train_file), info.rank, info.world_size)
     eval_prompts = []
     if assets.eval_file is not None and cfg.train.eval_every > 0:
-        eval_prompts = load_prompts(assets.eval_file, tokenizer, **data_kw)[: cfg.train.eval_max_prompts]
+        eval_prompts = read("data.eval_file", assets.eval_file)[: cfg.train.eval_max_prompts]
         eval_prompts = shard(eval_prompts, info.rank, info.world_size)
     reward_kw = {"overlong_buffer": cfg.data.overlong_buffer} if cfg.data.overlong_buffer else {}
     return Task(
@@ -167,6 +201,7 @@ class Rollouts:
     texts: list[str]
     answers: list[str]
     rewards: torch.Tensor  # [G * group_size] float32
+    logprobs: list[list[float] | None]  # the engine's, per completion token (None: the engine gave none)
 
 
 def collect_rollouts(
@@ -217,6 +252,7 @@ def collect_rollouts(
         texts=[c.text for _, comps, _ in groups for c in comps],
         answers=[p.answer for p, comps, _ in groups for _ in comps],
         rewards=torch.tensor([r for *_, rs in groups for r in rs], dtype=torch.float32),
+        logprobs=[getattr(c, "logprobs", None) for _, comps, _ in groups for c in comps],
     )
     return rollouts, stats
 
@@ -307,8 +343,7 @@ def build_policy(cfg: Config, info: distributed.DistInfo, model_dir: Path) -> Po
         algo.ref_kl_ema,
         wrap=lambda frozen: parallel.parallelize(PolicyLoss(frozen, **head), trainable=False, **shard),
     )
-    loss_config = rk.LossConfig.preset(algo.loss, **algo.loss_overrides)
-    loss = PolicyLoss(model, loss_config, entropy_coef=algo.entropy_coef, **head)
+    loss = PolicyLoss(model, loss_config(cfg), entropy_coef=algo.entropy_coef, **head)
     module = parallel.parallelize(loss, **shard)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
@@ -318,8 +353,16 @@ def build_policy(cfg: Config, info: distributed.DistInfo, model_dir: Path) -> Po
     return Policy(model, loss, module, optimizer, scheduler, reference)
 
 
-def save_checkpoint(cfg: Config, info: distributed.DistInfo, policy: Policy, task: Task, step: int) -> Path:
-    """Checkpoint ``step`` of the run (collective); see `rpg_train.checkpoint`."""
+def save_checkpoint(
+    cfg: Config,
+    info: distributed.DistInfo,
+    policy: Policy,
+    task: Task,
+    step: int,
+    rank_state: dict[str, Any] | None = None,
+) -> Path:
+    """Checkpoint ``step`` of the run (collective); see `rpg_train.checkpoint`. ``rank_state``: this
+    rank's RNG states and data position when they are not the current ones (an abandoned step's start)."""
     trainer_state = {
         "scheduler": policy.scheduler.state_dict(),
         "reference": policy.reference.state_dict(),
@@ -336,28 +379,58 @@ def save_checkpoint(cfg: Config, info: distributed.DistInfo, policy: Policy, tas
         optimizer=policy.optimizer,
         reference=policy.reference.model,
         trainer_state=trainer_state,
-        rank_state={"rng": rng_state(), "data_position": task.sampler.position},
+        rank_state=rank_state or {"rng": rng_state(), "data_position": task.sampler.position},
         keep=cfg.train.keep_checkpoints,
     )
 
 
+def load_newest(cfg: Config, info: distributed.DistInfo, policy: Policy) -> tuple[Path, dict] | None:
+    """``(path, trainer state)`` of the newest complete checkpoint that loads into ``policy``, falling back
+    past those that do not (each named in a warning); None if there is none."""
+    found = checkpoint.list_checkpoints(cfg.train.out_dir)
+    for path in reversed(found):
+        error = None
+        try:
+            trainer = checkpoint.load_checkpoint(
+                path, model=policy.model, optimizer=policy.optimizer, reference=policy.reference.model
+            )
+        except checkpoint.UnreadableCheckpoint as err:
+            error = err
+        # every rank moves on together (a collective): a checkpoint counts only if it loaded on all of them
+        if not distributed.broadcast_flag(error is not None, info):
+            return path, trainer
+        if info.is_main:
+            warn(f"--resume: {error or f'{path} does not load on another rank'}; trying the previous one")
+    if found:
+        raise checkpoint.UnreadableCheckpoint(
+            f"--resume: none of the {len(found)} checkpoints under "
+            f"{checkpoint.checkpoint_dir(cfg.train.out_dir)} loads (see the warnings above)"
+        )
+    return None
+
+
 def resume_from(cfg: Config, info: distributed.DistInfo, policy: Policy, task: Task) -> int:
-    """Load the newest complete checkpoint of ``train.out_dir`` (if any); returns its step (0 if none).
+    """Load the newest checkpoint of ``train.out_dir`` that loads (if any); returns its step (0 if none).
 
     With the number of ranks it was written by, the run continues exactly as if uninterrupted (every rank
     gets back its RNG states and data position). With another, DCP reshards the weights and optimizer
-    states, and the prompt order and random streams restart from derived seeds (announced).
+    states, and the prompt order and random streams restart from derived seeds (announced). A config that
+    changes the training from the checkpoint's (seed, lr, group size, ...) is named in a warning.
     """
-    path = checkpoint.latest_checkpoint(cfg.train.out_dir)
-    if path is None:
+    newest = load_newest(cfg, info, policy)
+    if newest is None:
         if info.is_main:
             print(
                 f"--resume: no checkpoint under {checkpoint.checkpoint_dir(cfg.train.out_dir)}; from step 0"
             )
         return 0
-    trainer = checkpoint.load_checkpoint(
-        path, model=policy.model, optimizer=policy.optimizer, reference=policy.reference.model
-    )
+    path, trainer = newest
+    changed = config_differences(trainer.get("config", {}), cfg)
+    if changed and info.is_main:
+        warn(
+            f"--resume: this run's config differs from the one {path.name} was trained with: "
+            f"{'; '.join(changed)}. The run goes on with the new values (not as the original run would)."
+        )
     policy.scheduler.load_state_dict(trainer["scheduler"])
     policy.reference.load_state_dict(trainer["reference"])
     ranks = trainer["ranks"]
@@ -427,12 +500,20 @@ def forward_backward_step(
     *,
     num_items: float,
     sync: bool,
+    rollout_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward and backward of one micro-batch: the loss is computed inside ``module``'s forward (DDP's or
     FSDP's hooks run around it); ``sync`` on the mini-batch's last micro-batch. Returns the detached loss
     and the loss metrics (device tensors: no host sync here)."""
     with parallel.grad_sync(module, sync):
-        loss, metrics = module(micro, old_logprobs, advantages, ref_logprobs, num_items=num_items)
+        loss, metrics = module(
+            micro,
+            old_logprobs,
+            advantages,
+            ref_logprobs,
+            num_items=num_items,
+            rollout_logprobs=rollout_logprobs,
+        )
         loss.backward()
     return loss.detach(), metrics
 
@@ -453,6 +534,7 @@ def update_policy(
     old_logprobs: Tensor,
     ref_logprobs: Tensor | None,
     advantages: Tensor,
+    rollout_logprobs: Tensor | None = None,
 ) -> UpdateStats:
     """Optimizer steps over this rank's rollouts: ``mini_batch_prompts / world`` groups per step.
 
@@ -460,7 +542,8 @@ def update_policy(
     ``[B, K]`` and ``advantages`` ``[B]`` or ``[B, K]`` live on the device. Each mini-batch's gradient is
     accumulated over micro-batches of ``micro_batch_seqs`` sequences, with the GLOBAL normaliser (all ranks'
     tokens) so that the ranks' gradient average equals the full-batch gradient. A non-finite loss or
-    gradient raises `TrainingDiverged` before the step is applied.
+    gradient raises `TrainingDiverged` before the step is applied. ``rollout_logprobs`` ``[B, K]`` (the
+    engine's, on the device) go to the loss when it applies the rollout correction.
     """
     device, agg = old_logprobs.device, policy.loss.loss_config.agg
     rows_per_step = cfg.train.mini_batch_prompts // info.world_size * cfg.rollout.group_size
@@ -482,6 +565,7 @@ def update_policy(
                 None if ref_logprobs is None else ref_logprobs[micro_rows, :width],
                 num_items=micro_num_items(agg, num_items, micro, cfg.rollout.max_tokens),
                 sync=start == starts[-1],
+                rollout_logprobs=None if rollout_logprobs is None else rollout_logprobs[micro_rows, :width],
             )
             step_loss += loss
             micro_tokens = float(micro.mask.sum())  # the CPU mask: no device sync
@@ -531,6 +615,19 @@ def compute_advantages(
     return rk.compute_advantages(cfg.algo.advantage, rewards, cfg.rollout.group_size)
 
 
+def rollout_logprobs_of(
+    rollouts: Rollouts, batch: SequenceBatch, correction: rk.LossConfig, engine: RolloutEngine
+) -> Tensor:
+    """The engine's log-probs aligned with ``batch`` (`rpg_train.mismatch.align_rollout_logprobs`); the
+    rollout correction cannot do without them."""
+    if correction.rollout_is is not None and any(lp is None for lp in rollouts.logprobs):
+        raise RuntimeError(
+            f"algo.rollout_correction={correction.rollout_is} needs the engine's per-token log-probs; "
+            f"{type(engine).__name__} gave none"
+        )
+    return align_rollout_logprobs(batch.mask, rollouts.logprobs)
+
+
 def train_step(
     cfg: Config,
     info: distributed.DistInfo,
@@ -542,6 +639,8 @@ def train_step(
     """One rollout step, the optimizer steps it feeds and the weight sync; returns its metrics record
     (reduced over ranks). Raises `TrainingDiverged` before applying a non-finite update."""
     step_start = time.perf_counter()
+    # until the first optimizer step the policy is the previous step's: a signal may abandon the step
+    interrupt.mark("step")
 
     # rollouts from the engine, scored by the verifier (dynamic sampling drops all-equal groups)
     engine.wake()
@@ -561,10 +660,28 @@ def train_step(
         ref_logprobs, _ = sequence_logprobs(policy.reference.model, batch, micro_batch=micro, device=device)
     policy.loss.train()
 
+    # the engine's log-probs of the same tokens beside the trainer's: the mismatch (logged every step), and
+    # the rollout correction's input when algo.rollout_correction is set
+    correction = policy.loss.loss_config
+    rollout_logprobs = rollout_logprobs_of(rollouts, batch, correction, engine).to(device)
+    mismatch, mismatch_counts, mismatch_max = mismatch_sums(
+        old_logprobs, rollout_logprobs, batch.mask.to(device), correction
+    )
+
     # advantages, then optimizer steps over mini-batches, gradients accumulated over micro-batches
     rewards, mask = rollouts.rewards.to(device), batch.mask.to(device)
     advantages = compute_advantages(cfg, rewards, mask, old_logprobs, ref_logprobs)
-    update = update_policy(policy, cfg, info, batch, old_logprobs, ref_logprobs, advantages)
+    interrupt.mark("finish")  # from here on the step changes the policy: a signal lets it finish
+    update = update_policy(
+        policy,
+        cfg,
+        info,
+        batch,
+        old_logprobs,
+        ref_logprobs,
+        advantages,
+        rollout_logprobs=rollout_logprobs if correction.rollout_is is not None else None,
+    )
 
     # push the new weights to the rollout engine (in memory; gathered one parameter at a time under fsdp)
     engine.wake()
@@ -581,6 +698,7 @@ def train_step(
         "entropy": float((entropy * mask).sum()),
         **update.sums,
         **stats,
+        **mismatch,
     }
     counts = {
         "reward": len(rewards),
@@ -589,12 +707,16 @@ def train_step(
         "entropy": tokens,
         **{k: update.tokens for k in update.sums},
         **{k: 1.0 for k in stats},
+        **mismatch_counts,
     }
     record = {"step": step + 1, **distributed.reduce_metrics(sums, counts, info)}
     record["loss"], record["grad_norm"] = update.loss, update.grad_norm
     record["lr"] = policy.scheduler.get_last_lr()[0]
     record["tokens_per_s"] = distributed.all_reduce_sum(tokens, info) / step_time
     record["rollout_s"], record["step_s"] = rollout_time, step_time
+    mismatch_max = distributed.reduce_max(mismatch_max, info)
+    if "mismatch_kl" in record:  # some rank had engine log-probs
+        record["mismatch_abs_max"] = mismatch_max
     if policy.reference.updates:
         record["ref_updates"] = policy.reference.updates
     return record
@@ -610,16 +732,19 @@ def check_batch_sizes(cfg: Config, world: int) -> None:
         ("train.mini_batch_prompts", cfg.train.mini_batch_prompts),
     ):
         if value % world:
-            raise ValueError(f"{name} ({value}) must be a multiple of the number of ranks ({world})")
+            raise ConfigError(f"{name} ({value}) must be a multiple of the number of ranks ({world})")
 
 
-def summarize_run(cfg: Config, out_dir: Path, loss_config: rk.LossConfig) -> dict[str, Any]:
-    """Rank 0: ``summary.json`` and ``metrics.png`` from ``metrics.jsonl``; prints the summary line."""
+def summarize_run(
+    cfg: Config, out_dir: Path, loss_config: rk.LossConfig, last: Path | None
+) -> dict[str, Any]:
+    """Rank 0: ``summary.json`` and ``metrics.png`` from ``metrics.jsonl`` (this run's: the folder holds no
+    other run's, `rpg_train.outdir`) and ``last``, the checkpoint it wrote last; prints the summary line."""
     records = read_metrics(out_dir / "metrics.jsonl")
     summary: dict[str, Any] = summarize(records)
     plot = plot_metrics(records, out_dir / "metrics.png", title=f"{cfg.algo.loss} ({loss_config.kl or ''})")
     summary["plot"] = str(plot) if plot else None
-    summary["checkpoint"] = str(checkpoint.latest_checkpoint(out_dir))
+    summary["checkpoint"] = str(last) if last else None
     if cfg.train.export:
         summary["final"] = str(out_dir / "final")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -633,24 +758,41 @@ def summarize_run(cfg: Config, out_dir: Path, loss_config: rk.LossConfig) -> dic
     return summary
 
 
-def train(cfg: Config, *, resume: bool = False, engine: RolloutEngine | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    engine: RolloutEngine | None = None,
+) -> dict[str, Any]:
     """Run the configured training (steps 1-7 of the module docstring); returns the summary (rank 0; {}
-    elsewhere). ``engine`` replaces the rollout engine; its caller keeps it (and closes it)."""
+    elsewhere). ``resume`` continues the run in ``train.out_dir``; ``overwrite`` deletes it first (without
+    either, a folder holding checkpoints is refused). ``engine`` replaces the rollout engine; its caller
+    keeps it (and closes it). Raises `rpg_train.interrupt.Interrupted` after a SIGINT/SIGTERM."""
     from rpg_train.export import export_checkpoint
 
-    # 1. ranks, seeds, output folder
+    # 1. ranks, seeds, the output folder (this run's alone), the signal handler
+    out_dir = Path(cfg.train.out_dir)
+    outdir.check_out_dir(out_dir, resume=resume, overwrite=overwrite)
+    check_reporter(cfg.train.report_to)
     info = distributed.setup(cfg.train.device, group_for_one_rank=cfg.train.parallel == "fsdp")
     check_batch_sizes(cfg, info.world_size)
     seed_everything(derive_seed(cfg.train.seed, "global", info.rank))
-    out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(info)  # every rank has looked at the folder before rank 0 deletes anything
     if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for note in outdir.claim_out_dir(out_dir, resume=resume, overwrite=overwrite):
+            print(f"rpg_train: {note}")
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    distributed.barrier(info)
     summary: dict[str, Any] = {}
     with contextlib.ExitStack() as closing:  # closed in reverse order, also after an error
         closing.callback(distributed.teardown)
+        # a signal stops at a step boundary with a checkpoint (one process may abandon a step that has not
+        # changed the policy yet; ranks must agree where they stop, so they finish it)
+        stop = closing.enter_context(interrupt.StopRequest(abandon_steps=not info.enabled))
 
-        # 2. the task: model folder, prompts, reward function (its verification pool)
+        # 2. the task: model folder, prompts (their lengths checked), reward function (its pool)
         task = load_task(cfg, info)
         closing.callback(task.reward_fn.close)
 
@@ -659,6 +801,7 @@ def train(cfg: Config, *, resume: bool = False, engine: RolloutEngine | None = N
 
         # 4. resume
         start_step = resume_from(cfg, info, policy, task) if resume else 0
+        last_saved = checkpoint.checkpoint_dir(out_dir) / f"step-{start_step:08d}" if start_step else None
 
         # 5. the rollout engine (its own copy of the weights; synced from the trainer, never via disk)
         if engine is None:
@@ -669,7 +812,22 @@ def train(cfg: Config, *, resume: bool = False, engine: RolloutEngine | None = N
 
         # 6. the steps: train_step, then metrics, eval, checkpoint
         log = MetricsLog(out_dir, enabled=info.is_main, resume_step=start_step)
-        bar = ProgressBar(cfg.train.steps, initial=start_step, enabled=info.is_main and cfg.train.progress)
+        reporter = Reporter(
+            cfg.train.report_to,
+            out_dir,
+            enabled=info.is_main,
+            config=cfg.to_dict(),
+            resume_step=start_step,
+            project=cfg.train.wandb_project,
+        )
+        closing.callback(reporter.close)
+        bar = ProgressBar(
+            cfg.train.steps,
+            initial=start_step,
+            enabled=info.is_main,
+            bar=cfg.train.progress,
+            log_every=cfg.train.log_every,
+        )
         if info.is_main:
             bar.write(
                 f"rpg_train: {info.world_size} rank(s), {cfg.train.parallel} on {info.device}, out {out_dir}"
@@ -678,31 +836,62 @@ def train(cfg: Config, *, resume: bool = False, engine: RolloutEngine | None = N
         if start_step == 0 and task.eval_prompts:
             accuracy = evaluate(engine, task.eval_prompts, task.reward_fn, cfg, info, eval_seed)
             log.log({"step": 0, "eval_accuracy": accuracy})
-        for step in range(start_step, cfg.train.steps):
-            try:
-                record = train_step(cfg, info, policy, engine, task, step)
-            except TrainingDiverged as err:
-                good = checkpoint.latest_checkpoint(out_dir)
-                message = f"step {step + 1}: {err} Last good checkpoint: {good or 'none written yet'}."
-                raise TrainingDiverged(message) from None
-            done = step + 1
-            if task.eval_prompts and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                record["eval_accuracy"] = evaluate(
-                    engine, task.eval_prompts, task.reward_fn, cfg, info, eval_seed
-                )
-            log.log(record)
-            bar.update(record)
-            every = cfg.train.checkpoint_every
-            if (every and done % every == 0) or done == cfg.train.steps:
-                save_checkpoint(cfg, info, policy, task, done)
+            reporter.log({"step": 0, "eval_accuracy": accuracy})
+        # a first signal in here is noted and honoured after the step (train_step marks its part before the
+        # first optimizer step, where a signal abandons the step instead)
+        with stop.region("finish"):
+            for step in range(start_step, cfg.train.steps):
+                # what a checkpoint of the previous step holds for this rank, should this step be abandoned
+                step_start = {"rng": rng_state(), "data_position": task.sampler.position}
+                try:
+                    record = train_step(cfg, info, policy, engine, task, step)
+                except TrainingDiverged as err:
+                    good = last_saved or "none written yet"
+                    raise TrainingDiverged(f"step {step + 1}: {err} Last good checkpoint: {good}.") from None
+                except interrupt.StepAbandoned as abandoned:
+                    # before its update, the policy is still the previous step's: checkpoint that
+                    if abandoned.before_update and step > saved_step(last_saved):
+                        last_saved = save_checkpoint(cfg, info, policy, task, step, rank_state=step_start)
+                    raise _interrupted(abandoned.signum, step + 1, last_saved, "abandoned", info) from None
+                done = step + 1
+                if task.eval_prompts and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                    record["eval_accuracy"] = evaluate(
+                        engine, task.eval_prompts, task.reward_fn, cfg, info, eval_seed
+                    )
+                log.log(record)
+                reporter.log(record)
+                bar.update(record)
+                every = cfg.train.checkpoint_every
+                if (every and done % every == 0) or done == cfg.train.steps:
+                    last_saved = save_checkpoint(cfg, info, policy, task, done)
+                # host sync and a collective, once per step: whether any rank was signalled
+                if stop.agreed(info):
+                    if saved_step(last_saved) != done:
+                        last_saved = save_checkpoint(cfg, info, policy, task, done)
+                    raise _interrupted(stop.signum or signal.SIGINT, done, last_saved, "finished", info)
         bar.close()
 
-        # 7. summary, plot, the Hugging Face export (rank 0, from the last checkpoint)
+        # 7. summary, plot, the Hugging Face export (rank 0, from the checkpoint this run wrote last)
         if info.is_main:
             if cfg.train.export:
-                last = checkpoint.latest_checkpoint(out_dir)
-                final = export_checkpoint(last, out_dir / "final", dtype=cfg.train.export_dtype)
+                final = export_checkpoint(last_saved, out_dir / "final", dtype=cfg.train.export_dtype)
                 print(f"rpg_train: exported {final}")
-            summary = summarize_run(cfg, out_dir, policy.loss.loss_config)
+            summary = summarize_run(cfg, out_dir, policy.loss.loss_config, last_saved)
         distributed.barrier(info)
     return summary
+
+
+def saved_step(path: Path | None) -> int:
+    """The step of checkpoint ``path`` (0 for None: nothing written)."""
+    return checkpoint.step_of(path) if path is not None else 0
+
+
+def _interrupted(
+    signum: int, step: int, last: Path | None, how: str, info: distributed.DistInfo
+) -> interrupt.Interrupted:
+    """The `Interrupted` to raise (its message printed by rank 0): where to resume from."""
+    where = f"checkpoint {last} (continue with --resume)" if last else "no checkpoint (nothing was trained)"
+    message = f"{signal.Signals(signum).name}: step {step} {how}; stopped with {where}"
+    if info.is_main:
+        print(f"rpg_train: {message}", flush=True)
+    return interrupt.Interrupted(signum, str(last) if last else None, message)

@@ -74,3 +74,37 @@ def test_round_trip_is_bit_identical_and_exports_weights(tmp_path):
     plain = tiny_causal_lm("qwen2", tie_word_embeddings=True, seed=2)
     checkpoint.load_model_weights(path, plain)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+
+
+def test_rotation_prunes_only_this_runs_past(tmp_path):
+    # issue 16, finding 1: rotation kept the newest `keep` by step across the folder, so a checkpoint of a
+    # later step (another run's, or one a resume fell back from) made each new checkpoint prune itself
+    model, optimizer = trained()
+    for step in (1, 2, 6):
+        save(tmp_path, step, model, optimizer, keep=0)
+    save(tmp_path, 3, model, optimizer, keep=2)
+    save(tmp_path, 4, model, optimizer, keep=2)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["step-00000003", "step-00000004", "step-00000006"]
+
+
+def test_partial_temporaries_are_cleaned_and_unreadable_checkpoints_named(tmp_path):
+    model, optimizer = trained()
+    path = save(tmp_path, 1, model, optimizer)
+    folder = checkpoint.checkpoint_dir(tmp_path)
+    for name in (".step-00000002.tmp", ".step-00000001.deleting"):  # what a kill leaves
+        (folder / name).mkdir()
+        (folder / name / "__0_0.distcp").write_bytes(b"x" * 100)
+    removed = checkpoint.clean_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".step-00000001.deleting", ".step-00000002.tmp"]
+    assert [p.name for p in folder.iterdir()] == ["step-00000001"]
+    # zeroed blocks of the right size (a crash on some file systems): complete, but it does not load
+    metadata = path / ".metadata"
+    metadata.write_bytes(bytes(metadata.stat().st_size))
+    assert checkpoint.is_complete(path)
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match=r"step-00000001: the weights do not load"):
+        checkpoint.load_checkpoint(path, model=model, optimizer=optimizer)
+    trainer = path / "trainer.pt"
+    trainer.write_bytes(bytes(trainer.stat().st_size))
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match=r"step-00000001/trainer.pt: does not load"):
+        checkpoint.read_trainer_state(path)

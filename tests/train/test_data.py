@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rpg_train.data import Prompt, load_prompts, shard
+from rpg_train.data import Prompt, check_prompt_lengths, load_prompts, shard
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
@@ -153,3 +153,15 @@ def test_shard_is_a_disjoint_equal_split():
             shard(prompts, rank, world_size)
     with pytest.raises(ValueError, match="cannot be split"):
         shard(prompts, 0, 12)
+
+
+def test_prompt_lengths_checked_naming_the_file_row_or_dropped_with_a_count(tmp_path, tokenizer):
+    rows = [{"prompt": "what is two plus three ?", "answer": "5"}, {"prompt": "solve x", "answer": "1"}] * 2
+    rows[2] = {"prompt": "what is two plus three ? be brief . solve x", "answer": "5"}  # 12 tokens with BOS
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    prompts = load_prompts(path, tokenizer)
+    assert [p.row for p in prompts] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=rf"{path}: row 3: the prompt has 12 tokens, more than 8 \(why\)"):
+        check_prompt_lengths(prompts, path, 8, drop=False, why="why")
+    kept, dropped = check_prompt_lengths(prompts, path, 8, drop=True)
+    assert dropped == 1 and [p.row for p in kept] == [1, 2, 4]

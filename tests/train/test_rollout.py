@@ -24,17 +24,20 @@ def trainer_model(assets):
 
 
 @torch.no_grad()
-def trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """log p(completion[k] | prompt + completion[:k]) from the HF forward in fp32, shape [len(completion)]."""
+def trainer_logprobs(
+    model, prompt: list[int], completion: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(completion[k] | prompt + completion[:k]) from the HF forward in fp32 at ``temperature``, shape
+    [len(completion)]."""
     ids = torch.tensor([prompt + completion])
-    logprobs = model(ids).logits[0].double().log_softmax(-1)
+    logprobs = (model(ids).logits[0].double() / temperature).log_softmax(-1)
     positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(completion))
     return logprobs[positions, torch.tensor(completion)]
 
 
-def max_logprob_error(model, prompts, completions) -> float:
+def max_logprob_error(model, prompts, completions, temperature: float = 1.0) -> float:
     return max(
-        (trainer_logprobs(model, p, c.token_ids) - torch.tensor(c.logprobs, dtype=torch.float64))
+        (trainer_logprobs(model, p, c.token_ids, temperature) - torch.tensor(c.logprobs, dtype=torch.float64))
         .abs()
         .max()
         .item()
@@ -79,6 +82,21 @@ def test_vllm_generate(vllm_engine, assets):
     assert max_logprob_error(trainer_model(assets), PROMPTS, completions) < 1e-3
     # the trainer's thread count survives engine start-up, and set_num_threads still works
     torch.set_num_threads(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_logprobs_are_the_sampling_distributions_at_any_temperature(backend, assets, request):
+    # issue 15 item 4: the trainer compares them with its own log-probs at rollout.temperature; vLLM's
+    # default (the raw logits') and the hf engine's differed from those by the temperature alone
+    model = trainer_model(assets)
+    engine = (
+        request.getfixturevalue("vllm_engine")
+        if backend == "vllm"
+        else HFEngine(assets.model_dir, model=model)
+    )
+    completions = engine.generate(PROMPTS, n=4, max_tokens=4, temperature=0.5, seed=1)
+    assert max_logprob_error(model, PROMPTS, completions, temperature=0.5) < 1e-3
+    assert max_logprob_error(model, PROMPTS, completions, temperature=1.0) > 0.05  # the raw ones differ
 
 
 def test_vllm_weight_sync_in_memory(vllm_engine, assets):

@@ -1,8 +1,11 @@
 """`rpg_train.train`: its parts (asset checks, rollout collection) without a full run."""
 
+import json
+
 import pytest
 
-from rpg_train.config import build_config
+from rpg_train.config import ConfigError, build_config
+from tests.train.runs import tiny_config
 
 
 def test_missing_model_or_data_path_names_the_field(tmp_path):
@@ -72,3 +75,36 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills():
         ScriptedEngine(), PromptSampler(prompts, 0, 0), reward_fn, cfg, 6, seed=0
     )
     assert len(rollouts.rewards) == 24 and stats == {}
+
+
+@pytest.mark.timeout(300)
+def test_a_prompt_too_long_for_the_engine_fails_before_the_model_loads_or_is_dropped(
+    tmp_path, monkeypatch, capsys
+):
+    # issue 16, finding 6: it crashed the run at the step that first sampled it (hours in on a GPU), naming
+    # a batch index, and again at the same step after --resume
+    import rpg_train.train as train_module
+    from rpg_train.tiny import build_tiny_assets
+
+    assets = build_tiny_assets(tmp_path / "assets")
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"{a}max{a}=", "answer": str(a)} for a in range(8)]
+    rows[5]["prompt"] = "9max9=" * 20  # 80 tokens: more than max_model_len 64 - max_tokens 2
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class ModelLoaded(Exception):
+        pass
+
+    def build_policy(*args):
+        raise ModelLoaded
+
+    monkeypatch.setattr(train_module, "build_policy", build_policy)
+    real = [f"model.path={assets.model_dir}", f"data.train_file={data}", "data.reward=exact_match"]
+    cfg = tiny_config(tmp_path / "run", *real)
+    with pytest.raises(
+        ConfigError, match=rf"data.train_file: {data}: row 6: the prompt has 80 tokens, more than 62"
+    ):
+        train_module.train(cfg)
+    with pytest.raises(ModelLoaded):  # the long prompt dropped, counted, and the run goes on to the model
+        train_module.train(tiny_config(tmp_path / "run", *real, "data.drop_long_prompts=true"))
+    assert "data.train_file: dropped 1 prompt(s) longer than 62 tokens" in capsys.readouterr().out
