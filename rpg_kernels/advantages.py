@@ -20,6 +20,7 @@ __all__ = [
     "batch_mean_advantages",
     "reinforce_pp_advantages",
     "ADVANTAGE_ESTIMATORS",
+    "ADVANTAGE_ALIASES",
 ]
 
 
@@ -130,7 +131,7 @@ ADVANTAGE_ESTIMATORS = {
     "reinforce_pp": reinforce_pp_advantages,
 }
 # Each algorithm's usual estimator (docs/MATH.md §5).
-_ALIASES = {
+ADVANTAGE_ALIASES = {  # algo names accepted by compute_advantages, and the estimator each means
     "rpg": "group_mean",
     "rpg_reinforce": "group_mean",
     "dr_grpo": "group_mean",
@@ -148,9 +149,9 @@ def compute_advantages(name: str, rewards: Tensor, group_size: int = 1, **kwargs
     ``reinforce_pp`` takes ``mask`` (and ``old_logprobs``, ``ref_logprobs``, ``beta_kl``, ...) as
     keyword arguments and ignores ``group_size``.
     """
-    estimator = _ALIASES.get(name, name)
+    estimator = ADVANTAGE_ALIASES.get(name, name)
     if estimator not in ADVANTAGE_ESTIMATORS:
-        valid = sorted(ADVANTAGE_ESTIMATORS) + sorted(_ALIASES)
+        valid = sorted(ADVANTAGE_ESTIMATORS) + sorted(ADVANTAGE_ALIASES)
         raise ValueError(f"unknown advantage estimator name={name!r}; valid: {', '.join(valid)}")
     if estimator == "reinforce_pp":
         if "mask" not in kwargs:

@@ -463,7 +463,7 @@ def validate(cfg: Config) -> None:
     Cheap and import-light (no model, no data): `build_config` calls it, so a bad value fails before
     anything loads. The prompts' lengths are checked when they are read (`rpg_train.data`).
     """
-    from rpg_kernels.advantages import _ALIASES, ADVANTAGE_ESTIMATORS  # the names compute_advantages takes
+    from rpg_kernels.advantages import ADVANTAGE_ALIASES, ADVANTAGE_ESTIMATORS  # compute_advantages' names
     from rpg_train.rewards import REWARD_NAMES
 
     _normalise(cfg)
@@ -524,9 +524,9 @@ def validate(cfg: Config) -> None:
     )
     _one_of("algo.ref_update", a.ref_update, ("every_step", "every_k", "kl_threshold", "never"))
     _one_of("algo.loss_backend", a.loss_backend, ("auto", "triton", "torch"))
-    advantages = (*ADVANTAGE_ESTIMATORS, *_ALIASES)
+    advantages = (*ADVANTAGE_ESTIMATORS, *ADVANTAGE_ALIASES)
     _one_of("algo.advantage", a.advantage, advantages)
-    estimator = _ALIASES.get(a.advantage, a.advantage)
+    estimator = ADVANTAGE_ALIASES.get(a.advantage, a.advantage)
     _check(
         r.group_size > 1 or estimator not in GROUP_ESTIMATORS,
         f"rollout.group_size=1 with algo.advantage={a.advantage} ({estimator}): the baseline is the "
