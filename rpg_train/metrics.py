@@ -159,7 +159,10 @@ class Reporter:
                 out_dir / "tensorboard", purge_step=resume_step + 1 if resume_step else None
             )
         elif self.kind == "wandb":
-            import wandb
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("train.report_to=wandb needs wandb: pip install 'rpg-kernels[wandb]'") from err
 
             id_file = out_dir / "wandb-run-id"  # a resumed run continues the same W&B run
             run_id = (
