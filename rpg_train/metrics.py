@@ -162,7 +162,8 @@ class Reporter:
             try:
                 import wandb
             except ImportError as err:
-                raise ImportError("train.report_to=wandb needs wandb: pip install 'rpg-kernels[wandb]'") from err
+                hint = "pip install 'rpg-kernels[wandb]'"
+                raise ImportError(f"train.report_to=wandb needs wandb: {hint}") from err
 
             id_file = out_dir / "wandb-run-id"  # a resumed run continues the same W&B run
             run_id = (
