@@ -19,6 +19,7 @@ import yaml
 
 PARALLEL_MODES = ("ddp", "fsdp")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+PACKING_MODES = ("auto", "always", "never")  # train.packing (rpg_train.batching)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ModelConfig:
     dtype: str = "auto"  # parameter dtype: auto (float32), float32, bfloat16
     gradient_checkpointing: bool = False
     autocast_bf16: bool = True  # bf16 autocast for forward passes (only on CUDA)
+    attn_implementation: str | None = None  # transformers' attn_implementation (None: its default, sdpa)
 
 
 @dataclass
@@ -82,7 +84,11 @@ class TrainConfig:
     steps: int = 500  # rollout steps
     prompts_per_step: int = 512  # global, over all ranks
     mini_batch_prompts: int = 32  # prompts per optimizer step (global)
-    micro_batch_seqs: int = 8  # sequences per forward/backward on one rank
+    micro_batch_seqs: int = 8  # sequences per forward/backward on one rank (when micro_batch_tokens is 0)
+    # cap on prompt + completion tokens per forward/backward, padding included (0: micro_batch_seqs instead);
+    # sequences grouped by length, see rpg_train.batching. At least rollout.max_model_len.
+    micro_batch_tokens: int = 0
+    packing: str = "auto"  # auto (packs for flash_attention_2/3, flex_attention) | always | never
     seed: int = 0
     eval_every: int = 20  # rollout steps between evaluations (0 = never)
     eval_samples: int = 4  # k of mean@k
@@ -135,6 +141,8 @@ _PAPER_MATH = {  # RPG paper, Qwen-2.5 math runs (DAPO-Math-17k): GPU, user-give
         "prompts_per_step": 512,
         "mini_batch_prompts": 32,
         "micro_batch_seqs": 4,
+        # token budgets: 4 sequences of 512 prompt + 4096 response tokens (the memory table's micro-batch)
+        "micro_batch_tokens": 18432,
         "eval_every": 20,
         "parallel": "fsdp",  # 16 bytes of states per parameter do not fit an 80 GB GPU for 4B+ models
     },
@@ -172,7 +180,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "rpg": _PAPER_MATH,  # RPG-REINFORCE, urkl, dual clip, iterative reference (paper Alg. 2)
-    "rpg_8k": _merge(_PAPER_MATH, {"rollout": {"max_tokens": 8192, "max_model_len": 9216}}),
+    "rpg_8k": _merge(
+        _PAPER_MATH,
+        {
+            "rollout": {"max_tokens": 8192, "max_model_len": 9216},
+            "train": {"micro_batch_tokens": 34816},  # 4 x (512 + 8192)
+        },
+    ),
     "rpg_fkl": _merge(
         _PAPER_MATH,
         {
@@ -325,6 +339,15 @@ def validate(cfg: Config) -> None:
     ]:
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if t.micro_batch_tokens < 0:
+        raise ValueError(f"train.micro_batch_tokens must be >= 0 (0 = off), got {t.micro_batch_tokens}")
+    if 0 < t.micro_batch_tokens < r.max_model_len:
+        raise ValueError(
+            f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be 0 (off) or at least "
+            f"rollout.max_model_len ({r.max_model_len}), the longest sequence a micro-batch must hold"
+        )
+    if t.packing not in PACKING_MODES:
+        raise ValueError(f"train.packing must be one of {PACKING_MODES}; got {t.packing!r}")
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ValueError(
             f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of "
