@@ -121,6 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of every case (default: torch's); 1 on a shared machine, where OpenMP's waiting "
+        "threads slow small ops down many times over",
+    )
     parser.add_argument("--case-timeout", type=float, default=1800.0, help="seconds one case may take")
     parser.add_argument(
         "--in-process",
@@ -182,6 +189,9 @@ def git_commit() -> str:
 def run(args: argparse.Namespace) -> Path:
     """Run the chosen suites; write results.json / results.md / PNGs; return the folder."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:  # this process and, through the environment, every case's fresh one
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     dtype = default_dtype(device)
     repeats = args.repeats or (2 if args.quick else 5)
     name = device_name(device)
@@ -229,9 +239,10 @@ def run(args: argparse.Namespace) -> Path:
     rows: list[dict] = []
 
     def count(suite: Suite, shapes: list, methods: list[str]) -> int:
-        if suite.name == TRAIN_STEP:  # the sweep and the micro-batchings; the search's probes add to it
+        if suite.name == TRAIN_STEP:  # the sweeps and the micro-batchings; the search's probes add to it
             chosen = suite_methods(suite, methods or list(suite.methods))
-            return sum(len(lengths) for _, lengths in shapes) * len(chosen)
+            spread = sum(m in BATCHING_METHODS for m in chosen)
+            return sum(len(lengths) * (len(chosen) - spread) + spread for _, lengths in shapes)
         if suite.name == "long-context":
             return len(shapes) * len(suite_methods(suite, methods))
         return len(cases(suite, shapes, methods, dtype, device, args.warmup, repeats))

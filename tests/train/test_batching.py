@@ -265,3 +265,38 @@ def test_plans_are_deterministic_and_fixed_plans_are_consecutive():
     again = batching.plan_micro_batches(lengths.clone(), 8, micro_batch_seqs=3, micro_batch_tokens=800)
     assert [m.tolist() for m in first.flat()] == [m.tolist() for m in again.flat()]
     assert list(itertools.chain(*[m.tolist() for m in first.micro_batches[0]])) != list(range(8))
+
+
+@pytest.mark.timeout(600)
+def test_a_run_with_token_budgets_and_packing_logs_padding_and_tokens_per_second(tmp_path):
+    """train() end to end (the tiny task, the transformers engine): the plan reaches the log-prob passes
+    and the update, and every step logs its padding fraction (0: packed) and training tokens/s."""
+    from rpg_train.metrics import read_metrics
+    from rpg_train.train import train
+
+    overrides = [
+        "rollout.backend=hf",
+        "rollout.group_size=4",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=2",
+        "train.steps=2",
+        "train.eval_every=0",
+        "train.progress=false",
+        "train.export=false",
+        "train.micro_batch_tokens=64",
+        f"train.out_dir={tmp_path}",
+    ]
+    for packing, out in (("never", "padded"), ("always", "packed")):
+        cfg = build_config(
+            "tiny", overrides=[*overrides, f"train.packing={packing}", f"train.out_dir={tmp_path / out}"]
+        )
+        train(cfg)
+        records = [r for r in read_metrics(tmp_path / out / "metrics.jsonl") if "reward" in r]
+        assert len(records) == 2
+        for record in records:
+            assert record["train_tokens_per_s"] > 0
+            assert (
+                (record["padding_frac"] == 0.0)
+                if packing == "always"
+                else (0.0 <= record["padding_frac"] < 1.0)
+            )
