@@ -66,6 +66,7 @@ class CaseResult:
     peak_mem_bytes: int | None = None
     over_limit: bool = False
     wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)  # what a problem reports besides time and memory
 
     @property
     def time_ms(self) -> float | None:
@@ -182,14 +183,16 @@ def run_case(
 
     import torch
 
-    from bench.methods import Skip, make_problem, resolve_method
+    from bench import methods, train_step
+    from bench.methods import Skip
 
+    tasks = train_step if spec.task in train_step.TASKS else methods  # a training step, or an LM-head one
     begin = time.perf_counter()
     try:
         if spec.device == "cuda" and not torch.cuda.is_available():
             raise Skip("no CUDA device")
-        fn = method if method is not None else resolve_method(spec.method)
-        problem = make_problem(spec.shape, spec.dtype, spec.device, spec.task, seed=spec.seed)
+        fn = method if method is not None else tasks.resolve_method(spec.method)
+        problem = tasks.make_problem(spec.shape, spec.dtype, spec.device, spec.task, seed=spec.seed)
         step = fn(spec.task, problem)
         timed = step_timer(spec.device)
         for _ in range(spec.warmup):
@@ -208,7 +211,10 @@ def run_case(
                 _Watchdog(meter, spec.mem_limit_bytes, on_over_limit).start()
         times = [timed(step) for _ in range(max(spec.repeats, 1))]
         peak = meter.peak_above_baseline()
-        return CaseResult("ok", times_ms=times, peak_mem_bytes=peak, wall_s=time.perf_counter() - begin)
+        extra = dict(getattr(problem, "extra", {}))
+        return CaseResult(
+            "ok", times_ms=times, peak_mem_bytes=peak, wall_s=time.perf_counter() - begin, extra=extra
+        )
     except Skip as skip:
         return CaseResult("skipped", reason=str(skip), wall_s=time.perf_counter() - begin)
     except torch.OutOfMemoryError as oom:

@@ -5,7 +5,8 @@
 
 One table per device class (CPU, GPU): the newest run of that class with a ``loss`` suite, at its first
 head and largest N, every method's time and peak memory beside the bare matmul's and naive PyTorch's;
-then links to the full results of every committed run of the class (``results.md``), newest first.
+the newest ``train-step`` run of the class (`train_step_section`); then links to the full results of every
+committed run of the class (``results.md``), newest first.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from bench import PACKAGE_DIR
-from bench.report import MIB, status_text
+from bench.report import MIB, fit_text, status_text
 
 ROOT = PACKAGE_DIR.parent
 RESULTS = PACKAGE_DIR / "results"  # the committed results of this checkout
@@ -71,6 +72,104 @@ def headline_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mib(value: int | None) -> str:
+    return "—" if value is None else f"{value / MIB:.0f}"
+
+
+def train_step_section(run: dict) -> list[str]:
+    """The train-step run's lines: per method the longest completion within the budget, peak memory and
+    tokens/s at each swept length; ours as a share of each peer's memory at the longest length both fit; the
+    padding of each micro-batching and the spread batch's tokens/s."""
+    meta, rows = run["meta"], run["rows"]
+    steps = [r for r in rows if r["suite"] == "train-step"]
+    fits = [r for r in rows if r["suite"] == "train-step-fit"]
+    if not steps or not fits:
+        return []
+    model = fits[0]["shape"]
+    steps = [r for r in steps if r["shape"] == model]
+    lengths = sorted({r["n"] for r in steps if r["probe"] == "sweep"})
+    budget = fits[0]["budget_bytes"] / 2**30
+    first = steps[0]
+    at: dict[tuple[str, int], dict] = {(r["method"], r["n"]): r for r in steps}
+    out = [
+        f"Training step at long context, `{model}` (Qwen2-style, H={first['h']}, V={first['v']}, "
+        f"{first['layers']} layers, random weights), {meta['dtype']}, on {meta['device_name']}, "
+        f"{meta['date'][:10]}, commit `{meta['git_commit']}` (`{meta['command']}`): one sequence of "
+        f"{fits[0]['prompt']} prompt + N completion tokens, forward with gradient checkpointing, loss, "
+        "backward, AdamW; peak memory above the model and its AdamW states, in a fresh process per method "
+        f"and length; the longest completion found by search within {budget:g} GiB:",
+        "",
+        "| method | longest completion | "
+        + " | ".join(f"peak MiB at {n}" for n in lengths)
+        + " | "
+        + " | ".join(f"tokens/s at {n}" for n in lengths)
+        + " | status |",
+        "|---|---:|" + "---:|" * (2 * len(lengths)) + "---|",
+    ]
+    for fit in (r for r in fits if r["shape"] == model):
+        method, cells, rates = fit["method"], [], []
+        for n in lengths:
+            row = at.get((method, n))
+            if row is None:
+                cells.append("—")
+                rates.append("—")
+            elif row["status"] == "ok" and row["within_budget"]:
+                cells.append(_mib(row["peak_mem_bytes"]))
+                rates.append(f"{row['tokens_per_s']:.0f}" if row["tokens_per_s"] else "—")
+            else:
+                cells.append("over budget" if row.get("over_limit") or row["status"] == "ok" else "—")
+                rates.append("—")
+        out.append(
+            f"| {method} | {fit_text(fit)} | {' | '.join(cells)} | {' | '.join(rates)} | {status_text(fit)} |"
+        )
+    out.append("")
+    ours = {n: at.get(("ours", n)) for n in lengths}
+    shares = []
+    for peer in dict.fromkeys(r["method"] for r in steps if r["method"] != "ours"):
+        both = [
+            n
+            for n in lengths
+            if all(
+                r is not None and r["status"] == "ok" and r["within_budget"]
+                for r in (ours[n], at.get((peer, n)))
+            )
+        ]
+        if both and at[(peer, both[-1])]["peak_mem_bytes"]:
+            n = both[-1]
+            mine, theirs = ours[n]["peak_mem_bytes"], at[(peer, n)]["peak_mem_bytes"]
+            shares.append(
+                f"{100 * mine / theirs:.1f} % of {peer} at {n} ({_mib(mine)} vs {_mib(theirs)} MiB)"
+            )
+    if shares:
+        out += [
+            "Our peak memory at the longest swept length each peer fits too: " + "; ".join(shares) + ".",
+            "",
+        ]
+    padding = [r for r in rows if r["suite"] == "padding"]
+    if padding:
+        p0 = padding[0]
+        parts = ", ".join(f"{r['method']} {100 * r['padding_fraction']:.1f} %" for r in padding)
+        out += [
+            f"Padding of the micro-batches (the `{p0['shape']}` preset's mini-batch of {p0['rows']} rows per "
+            f"rank, completions uniform in [1, {p0['cap']}], mean of {p0['seeds']} draws): {parts}.",
+            "",
+        ]
+    spread = [r for r in rows if r["suite"] == "micro-batching" and r["status"] == "ok"]
+    if spread:
+        s0 = spread[0]
+        parts = ", ".join(
+            f"{r['method']} {r['tokens_per_s']:.0f} tokens/s ({100 * r['padding_fraction']:.1f} % padding, "
+            f"{r['micro_batches']} micro-batches)"
+            for r in spread
+        )
+        out += [
+            f"One optimizer step of `update_policy` on {s0['sequences']} sequences with completions uniform "
+            f"in [1, {s0['n']}]: {parts}.",
+            "",
+        ]
+    return out
+
+
 def render(results_dir: Path = RESULTS, root: Path = ROOT) -> str:
     """The generated block, markers included."""
     out = [START, ""]
@@ -96,6 +195,9 @@ def render(results_dir: Path = RESULTS, root: Path = ROOT) -> str:
                 headline_table(rows),
                 "",
             ]
+        train_step = next((run for _, run in class_runs if train_step_section(run)), None)
+        if train_step is not None:
+            out += train_step_section(train_step)
         links = []
         for folder, run in class_runs:
             meta, link = run["meta"], folder.relative_to(root).as_posix()

@@ -4,7 +4,9 @@
   recomputed in the backward, then dh and dW);
 - ``logprobs``: log-probs forward only, no autograd (2·N·H·V flops);
 - ``matmul``: the bare LM-head matmul forward + backward (2·N·H·V + 4·N·H·V flops), the floor;
-- ``long-context``: per method, the largest N whose loss step fits a memory budget (search on N).
+- ``long-context``: per method, the largest N whose loss step fits a memory budget (search on N);
+- ``train-step``: a causal LM's optimizer step per completion length and method, the longest completion that
+  fits a budget, and the micro-batchings side by side (`bench.train_step`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from bench.measure import CaseResult, CaseSpec
 from bench.methods import METHODS, method_note, run_order
 from bench.shapes import CPU_TARGET, CPU_TOKENS, GPU_PRESETS, GPU_TOKENS, Shape, preset_shape
+from bench.train_step import BATCHING_METHODS, TRAIN_STEP_METHODS
 
 GIB = 2**30
 RunCase = Callable[[CaseSpec], CaseResult]
@@ -37,6 +40,8 @@ SUITES: dict[str, Suite] = {
     "long-context": Suite(
         "long-context", "loss", 8, "8·N·H·V", tuple(m for m in ALL_METHODS if m != "matmul")
     ),
+    # a training step of a causal LM (bench.train_step): its own methods, its own search
+    "train-step": Suite("train-step", "train-step", 0, "", TRAIN_STEP_METHODS + BATCHING_METHODS),
 }
 MATMUL_FLOPS = {"loss": (6, "6·N·H·V"), "logprobs": (2, "2·N·H·V")}
 
@@ -141,11 +146,16 @@ class SearchResult:
 
 
 def find_max_tokens(
-    probe: Callable[[int], CaseResult], budget_bytes: int, n_min: int, n_max: int, granule: int = 1024
+    probe: Callable[[int], CaseResult],
+    budget_bytes: int,
+    n_min: int,
+    n_max: int,
+    granule: int = 1024,
+    factor: int = 2,
 ) -> SearchResult:
     """Largest N (a multiple of ``granule``, in [n_min, n_max]) whose step peaks at or below
-    ``budget_bytes``: doubling from ``n_min`` until a probe does not fit, then bisection down to a
-    resolution of 1/8 of the bracket's lower end. A probe that fails for another reason than
+    ``budget_bytes``: multiplying by ``factor`` from ``n_min`` until a probe does not fit, then bisection
+    down to a resolution of 1/8 of the bracket's lower end. A probe that fails for another reason than
     memory ends the search with status error (or skipped) and that reason."""
     probes: list[dict] = []
     peaks: dict[int, int | None] = {}
@@ -175,7 +185,7 @@ def find_max_tokens(
             bad = n
             break
         good = n
-        n = n_max if n < n_max < 2 * n else 2 * n
+        n = n_max if n < n_max < factor * n else factor * n
     while bad is not None and good and bad - good > max(granule, good // 8):
         mid = (good + bad) // 2 // granule * granule
         if mid in (good, bad):

@@ -42,12 +42,16 @@ class ConfigFileNotFound(ConfigError, FileNotFoundError):
     """A file the configuration names does not exist."""
 
 
+PACKING_MODES = ("auto", "always", "never")  # train.packing (rpg_train.batching)
+
+
 @dataclass
 class ModelConfig:
     path: str | None = None  # HF model directory; None = build the tiny model (rpg_train.tiny)
     dtype: str = "auto"  # parameter dtype: auto (float32), float32, bfloat16
     gradient_checkpointing: bool = False
     autocast_bf16: bool = True  # bf16 autocast for forward passes (only on CUDA)
+    attn_implementation: str | None = None  # transformers' attn_implementation (None: its default, sdpa)
 
 
 @dataclass
@@ -111,7 +115,11 @@ class TrainConfig:
     steps: int = 500  # rollout steps
     prompts_per_step: int = 512  # global, over all ranks
     mini_batch_prompts: int = 32  # prompts per optimizer step (global)
-    micro_batch_seqs: int = 8  # sequences per forward/backward on one rank
+    micro_batch_seqs: int = 8  # sequences per forward/backward on one rank (when micro_batch_tokens is 0)
+    # cap on prompt + completion tokens per forward/backward, padding included (0: micro_batch_seqs instead);
+    # sequences grouped by length, see rpg_train.batching. At least rollout.max_model_len.
+    micro_batch_tokens: int = 0
+    packing: str = "auto"  # auto (packs for flash_attention_2/3, flex_attention) | always | never
     seed: int = 0
     eval_every: int = 20  # rollout steps between evaluations (0 = never)
     eval_samples: int = 4  # k of mean@k
@@ -174,6 +182,8 @@ _PAPER_MATH = {  # RPG paper, Qwen-2.5 math runs (DAPO-Math-17k): GPU, user-give
         "prompts_per_step": 512,
         "mini_batch_prompts": 32,
         "micro_batch_seqs": 4,
+        # token budgets: 4 sequences of 512 prompt + 4096 response tokens (the memory table's micro-batch)
+        "micro_batch_tokens": 18432,
         "eval_every": 20,
         "parallel": "fsdp",  # 16 bytes of states per parameter do not fit an 80 GB GPU for 4B+ models
     },
@@ -211,7 +221,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "rpg": _PAPER_MATH,  # RPG-REINFORCE, urkl, dual clip, iterative reference (paper Alg. 2)
-    "rpg_8k": _merge(_PAPER_MATH, {"rollout": {"max_tokens": 8192, "max_model_len": 9216}}),
+    "rpg_8k": _merge(
+        _PAPER_MATH,
+        {
+            "rollout": {"max_tokens": 8192, "max_model_len": 9216},
+            "train": {"micro_batch_tokens": 34816},  # 4 x (512 + 8192)
+        },
+    ),
     "rpg_fkl": _merge(
         _PAPER_MATH,
         {
@@ -424,8 +440,9 @@ def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
 
 
 def loss_config(cfg: Config) -> Any:
-    """The run's `rpg_kernels.LossConfig`: ``algo.loss``'s preset, ``algo.loss_overrides`` and the rollout
-    correction; a `ConfigError` naming the ``algo`` field at fault."""
+    """The run's `rpg_kernels.LossConfig`: ``algo.loss``'s preset, ``algo.loss_overrides``, the rollout
+    correction, and Dr. GRPO's ``max_completion_length`` (``rollout.max_tokens``) unless overridden; a
+    `ConfigError` naming the ``algo`` field at fault."""
     import rpg_kernels as rk
     from rpg_kernels.config import PRESETS as LOSS_PRESETS
 
@@ -438,6 +455,9 @@ def loss_config(cfg: Config) -> Any:
     )
     try:
         base = rk.LossConfig.preset(a.loss, **a.loss_overrides)
+        if base.agg == "seq-mean-token-sum-norm" and base.max_completion_length is None:
+            # Dr. GRPO's constant L, whatever a micro-batch's width (token budgets make widths vary)
+            base = base.replace(max_completion_length=cfg.rollout.max_tokens)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"algo.loss_overrides (algo.loss={a.loss}): {err}") from None
     if a.rollout_correction is not None:
@@ -486,8 +506,15 @@ def validate(cfg: Config) -> None:
         ("optim.warmup_steps", o.warmup_steps, 0),
         ("algo.dynamic_sampling_max_tries", a.dynamic_sampling_max_tries, 0),
         ("data.overlong_buffer", d.overlong_buffer, 0),
+        ("train.micro_batch_tokens", t.micro_batch_tokens, 0),
     ]:
         _check(value >= low, f"{name} must be >= {low}, got {value}")
+    _check(
+        t.micro_batch_tokens == 0 or t.micro_batch_tokens >= r.max_model_len,
+        f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be 0 (off) or at least "
+        f"rollout.max_model_len ({r.max_model_len}), the longest sequence a micro-batch must hold",
+    )
+    _one_of("train.packing", t.packing, PACKING_MODES)
     for name, value, ok, want in [
         ("optim.lr", o.lr, o.lr > 0, "> 0"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),

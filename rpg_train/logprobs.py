@@ -6,19 +6,29 @@ Sequences are ``prompt + completion`` right-padded to ``S``. With ``K = S - shor
 positions hold every completion token of the batch, so one backbone pass with ``logits_to_keep = K`` gives
 ``[B, K, H]`` hidden states whose row ``k`` predicts token ``S-K+k``; ``mask`` marks the completion tokens
 (prompt and padding tokens among the ``K`` get target ``-100`` and mask 0).
+
+`SequenceBatch.pack` lays a micro-batch's sequences back to back in one row instead (`PackedBatch`: no
+padding, per-sequence ``position_ids``); its targets, mask and log-probs keep the ``[B, K]`` layout of the
+padded micro-batch, so the fused loss, the normaliser and the old/reference log-probs do not depend on the
+layout.
+Which rows form a micro-batch: `rpg_train.batching`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
 import rpg_kernels as rk
-from rpg_kernels.integrations.hf import completion_hidden_states, lm_head_params
+from rpg_kernels.integrations.hf import completion_hidden_states, lm_head_params, packed_hidden_states
+
+if TYPE_CHECKING:
+    from rpg_train.batching import MicroBatchPlan
 
 IGNORE_INDEX = -100
 
@@ -54,6 +64,51 @@ class SequenceBatch:
             *(
                 t.to(device, non_blocking=True)
                 for t in (self.input_ids, self.attention_mask, self.targets, self.mask)
+            )
+        )
+
+    def pack(self) -> PackedBatch:
+        """These sequences back to back in one row, without padding; targets and mask unchanged."""
+        real = self.attention_mask.bool()
+        lengths = real.sum(1)
+        offsets = lengths.cumsum(0) - lengths  # where each sequence starts in the packed row
+        prefix = self.input_ids.shape[1] - self.targets.shape[1]
+        # target column k of row i is token prefix + k of its sequence, predicted by the position before it
+        rows = offsets[:, None] + prefix - 1 + torch.arange(self.targets.shape[1])
+        rows = torch.where(
+            self.mask > 0, rows, torch.zeros_like(rows)
+        )  # unscored: any row (its gradient is 0)
+        return PackedBatch(
+            input_ids=self.input_ids[real][None],
+            position_ids=(real.cumsum(1) - 1)[real][None],
+            rows=rows,
+            targets=self.targets,
+            mask=self.mask,
+        )
+
+
+@dataclass
+class PackedBatch:
+    """``B`` sequences packed into one row of ``T`` real tokens (CPU or device); see `SequenceBatch.pack`."""
+
+    input_ids: Tensor  # [1, T] long
+    position_ids: Tensor  # [1, T] long: 0, 1, ... within each sequence
+    rows: Tensor  # [B, K] long: the packed position whose hidden state predicts targets[b, k] (0 if unscored)
+    targets: Tensor  # [B, K] long: as the padded micro-batch's
+    mask: Tensor  # [B, K] float
+
+    @property
+    def logits_to_keep(self) -> int:
+        return self.targets.shape[1]
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.position_ids, self.rows, self.targets, self.mask)
             )
         )
 
@@ -116,17 +171,20 @@ class PolicyLoss(nn.Module):
         self.loss_config, self.temperature, self.entropy_coef = loss_config, temperature, entropy_coef
         self.backend, self.bf16 = backend, bf16
 
-    def _head_inputs(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(hidden [B, K, H], head weight [V, H], head bias [V] | None)`` of ``batch``."""
+    def _head_inputs(self, batch: SequenceBatch | PackedBatch) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(hidden [B, K, H], head weight [V, H], head bias [V] | None)`` of a padded or packed batch."""
         weight, bias = lm_head_params(self.model)
-        hidden = completion_hidden_states(
-            self.model, batch.input_ids, batch.attention_mask, batch.logits_to_keep
-        )
+        if isinstance(batch, PackedBatch):
+            hidden = packed_hidden_states(self.model, batch.input_ids, batch.position_ids, batch.rows)
+        else:
+            hidden = completion_hidden_states(
+                self.model, batch.input_ids, batch.attention_mask, batch.logits_to_keep
+            )
         return hidden, weight, bias
 
     def forward(
         self,
-        batch: SequenceBatch,
+        batch: SequenceBatch | PackedBatch,
         old_logprobs: Tensor,
         advantages: Tensor,
         ref_logprobs: Tensor | None = None,
@@ -161,7 +219,7 @@ class PolicyLoss(nn.Module):
                 backend=self.backend,
             )
 
-    def logprobs(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+    def logprobs(self, batch: SequenceBatch | PackedBatch) -> tuple[Tensor, Tensor]:
         """Per-token log-probs and entropies ``[B, K]`` of ``batch.targets`` (in the compute dtype)."""
         with autocast_context(batch.input_ids.device, self.bf16):
             hidden, weight, bias = self._head_inputs(batch)
@@ -178,24 +236,35 @@ class PolicyLoss(nn.Module):
 
 @torch.no_grad()
 def sequence_logprobs(
-    policy: PolicyLoss, batch: SequenceBatch, *, micro_batch: int, device: torch.device | None = None
+    policy: PolicyLoss,
+    batch: SequenceBatch,
+    *,
+    micro_batch: int | None = None,
+    plan: MicroBatchPlan | None = None,
+    device: torch.device | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies ``[B, K]`` (float32, on ``device``) of ``batch.targets``.
 
-    ``batch`` may stay on the CPU: each micro-batch of ``micro_batch`` sequences is trimmed there (no device
-    sync) and then moved to ``device`` (default: ``batch``'s). Under FSDP the root's parameters, which a
-    no-gradient pass leaves gathered (no backward frees them), are freed at the end.
+    The micro-batches: ``plan``'s (`rpg_train.batching`: token budgets, packing), else ``micro_batch``
+    consecutive sequences each. ``batch`` may stay on the CPU: each micro-batch is cut (and packed) there,
+    with no device sync, then moved to ``device`` (default: ``batch``'s). Under FSDP the root's parameters,
+    which a no-gradient pass leaves gathered (no backward frees them), are freed at the end.
     """
+    if (micro_batch is None) == (plan is None):
+        raise ValueError("sequence_logprobs: give exactly one of micro_batch and plan")
     device = batch.targets.device if device is None else device
     logprobs = torch.zeros(batch.targets.shape, dtype=torch.float32, device=device)
     entropy = torch.zeros_like(logprobs)
-    for start in range(0, len(batch), micro_batch):
-        rows = slice(start, start + micro_batch)
-        part = batch.select(rows).to(device)
-        logp, ent = policy.logprobs(part)
-        keep = part.logits_to_keep
-        logprobs[rows, :keep] = logp.float()
-        entropy[rows, :keep] = ent.float()
+    if plan is None:
+        parts = [torch.arange(s, min(s + micro_batch, len(batch))) for s in range(0, len(batch), micro_batch)]
+    else:
+        parts = plan.flat()
+    for rows in parts:
+        part = batch.select(rows)
+        logp, ent = policy.logprobs((part.pack() if plan is not None and plan.packed else part).to(device))
+        keep, index = part.logits_to_keep, rows.to(device)
+        logprobs[index, :keep] = logp.float()
+        entropy[index, :keep] = ent.float()
     if isinstance(policy, FSDPModule):
         policy.reshard()
     mask = batch.mask.to(device)

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor, nn
 
 import rpg_kernels as rk
-from rpg_train import checkpoint, distributed, interrupt, outdir, parallel
+from rpg_train import batching, checkpoint, distributed, interrupt, outdir, parallel
 from rpg_train.config import Config, ConfigError, ConfigFileNotFound, config_differences, loss_config
-from rpg_train.logprobs import PolicyLoss, SequenceBatch, build_batch, sequence_logprobs
+from rpg_train.logprobs import PackedBatch, PolicyLoss, SequenceBatch, build_batch, sequence_logprobs
 from rpg_train.metrics import (
     MetricsLog,
     ProgressBar,
@@ -325,7 +325,17 @@ def build_policy(cfg: Config, info: distributed.DistInfo, model_dir: Path) -> Po
     on_gpu = info.device.type == "cuda"
     bf16 = cfg.model.autocast_bf16 and on_gpu
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    attention = (
+        {}
+        if cfg.model.attn_implementation is None
+        else {"attn_implementation": cfg.model.attn_implementation}
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **attention)
+    except (ImportError, ValueError) as err:  # an attention transformers cannot use here (flash-attn absent)
+        if not attention:
+            raise
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation}: {err}") from None
     if cfg.train.parallel == "ddp":  # fsdp moves each group's shards to the device as it shards them
         model.to(info.device)
     if cfg.model.gradient_checkpointing:
@@ -484,16 +494,39 @@ def mini_batch_num_items(
     return [total / info.world_size for total in distributed.all_reduce_sums(local, info)]
 
 
-def micro_num_items(agg: str, num_items: float, micro: SequenceBatch, max_tokens: int) -> float:
-    """Dr. GRPO's constant normaliser ``S * max_tokens`` although micro-batches differ in width ``K``."""
-    if agg == "seq-mean-token-sum-norm":
+def micro_num_items(
+    loss_config: rk.LossConfig, num_items: float, micro: SequenceBatch, max_tokens: int
+) -> float:
+    """``num_items`` of one micro-batch: the mini-batch's. Dr. GRPO's ``seq-mean-token-sum-norm`` divides by
+    ``S * L``: with ``LossConfig.max_completion_length`` unset (a loss config built by hand; `build_policy`
+    sets it to ``rollout.max_tokens``), ``L`` is the micro-batch's width ``K``, folded in here."""
+    if loss_config.agg == "seq-mean-token-sum-norm" and loss_config.max_completion_length is None:
         return num_items * max_tokens / micro.logits_to_keep
     return num_items
 
 
+def micro_batch_plan(
+    cfg: Config, info: distributed.DistInfo, policy: Policy, batch: SequenceBatch
+) -> batching.MicroBatchPlan:
+    """The micro-batches of this rank's rollouts (`rpg_train.batching`): mini-batches of
+    ``mini_batch_prompts / world`` groups, cut by ``train.micro_batch_tokens`` (or ``micro_batch_seqs``),
+    packed where ``train.packing`` says; the same number on every rank."""
+    rows_per_step = cfg.train.mini_batch_prompts // info.world_size * cfg.rollout.group_size
+    prefix = batch.input_ids.shape[1] - batch.logits_to_keep
+    return batching.plan_micro_batches(
+        batch.attention_mask.sum(1),
+        rows_per_step,
+        micro_batch_seqs=cfg.train.micro_batch_seqs,
+        micro_batch_tokens=cfg.train.micro_batch_tokens,
+        packed=batching.packing_enabled(cfg.train.packing, policy.model),
+        min_width=prefix + 1,
+        info=info,
+    )
+
+
 def forward_backward_step(
     module: nn.Module,
-    micro: SequenceBatch,
+    micro: SequenceBatch | PackedBatch,
     old_logprobs: Tensor,
     advantages: Tensor,
     ref_logprobs: Tensor | None,
@@ -502,9 +535,9 @@ def forward_backward_step(
     sync: bool,
     rollout_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward and backward of one micro-batch: the loss is computed inside ``module``'s forward (DDP's or
-    FSDP's hooks run around it); ``sync`` on the mini-batch's last micro-batch. Returns the detached loss
-    and the loss metrics (device tensors: no host sync here)."""
+    """Forward and backward of one micro-batch (padded or packed): the loss is computed inside ``module``'s
+    forward (DDP's or FSDP's hooks run around it); ``sync`` on the mini-batch's last micro-batch. Returns the
+    detached loss and the loss metrics (device tensors: no host sync here)."""
     with parallel.grad_sync(module, sync):
         loss, metrics = module(
             micro,
@@ -524,6 +557,9 @@ class UpdateStats:
     grad_norm: float  # of the last optimizer step, before clipping
     sums: dict[str, float]  # token-weighted sums of the loss metrics on this rank
     tokens: float  # this rank's completion tokens
+    real_tokens: int = 0  # this rank's prompt + completion tokens through the forward/backward passes
+    computed_tokens: int = 0  # the tokens the backbone computed for them, padding included
+    seconds: float = 0.0  # wall time of the update
 
 
 def update_policy(
@@ -534,38 +570,39 @@ def update_policy(
     old_logprobs: Tensor,
     ref_logprobs: Tensor | None,
     advantages: Tensor,
+    plan: batching.MicroBatchPlan | None = None,
     rollout_logprobs: Tensor | None = None,
 ) -> UpdateStats:
     """Optimizer steps over this rank's rollouts: ``mini_batch_prompts / world`` groups per step.
 
-    ``batch`` stays on the CPU (micro-batches are cut there and moved); ``old_logprobs``, ``ref_logprobs``
-    ``[B, K]`` and ``advantages`` ``[B]`` or ``[B, K]`` live on the device. Each mini-batch's gradient is
-    accumulated over micro-batches of ``micro_batch_seqs`` sequences, with the GLOBAL normaliser (all ranks'
-    tokens) so that the ranks' gradient average equals the full-batch gradient. A non-finite loss or
-    gradient raises `TrainingDiverged` before the step is applied. ``rollout_logprobs`` ``[B, K]`` (the
-    engine's, on the device) go to the loss when it applies the rollout correction.
+    ``batch`` stays on the CPU (micro-batches are cut, and packed, there and moved); ``old_logprobs``,
+    ``ref_logprobs`` ``[B, K]`` and ``advantages`` ``[B]`` or ``[B, K]`` live on the device. Each mini-batch's
+    gradient is accumulated over the micro-batches of ``plan`` (default `micro_batch_plan`: token budgets or
+    ``micro_batch_seqs`` sequences), with the GLOBAL normaliser (all ranks' tokens) so that the ranks'
+    gradient average equals the full-batch gradient whatever the micro-batches. A non-finite loss or gradient
+    raises `TrainingDiverged` before the step is applied. ``rollout_logprobs`` ``[B, K]`` (the engine's, on
+    the device) go to the loss when it applies the rollout correction.
     """
-    device, agg = old_logprobs.device, policy.loss.loss_config.agg
-    rows_per_step = cfg.train.mini_batch_prompts // info.world_size * cfg.rollout.group_size
-    mini_batches = [slice(s, min(s + rows_per_step, len(batch))) for s in range(0, len(batch), rows_per_step)]
+    begin = time.perf_counter()
+    device, loss_config = old_logprobs.device, policy.loss.loss_config
+    plan = micro_batch_plan(cfg, info, policy, batch) if plan is None else plan
     sums: dict[str, Tensor] = {}
-    tokens, loss_total = 0.0, torch.zeros((), device=device)
-    for rows, num_items in zip(mini_batches, mini_batch_num_items(agg, batch.mask, mini_batches, info)):
-        step_loss = torch.zeros((), device=device)
-        starts = range(rows.start, rows.stop, cfg.train.micro_batch_seqs)
-        for start in starts:
-            micro_rows = slice(start, min(start + cfg.train.micro_batch_seqs, rows.stop))
+    tokens, loss_total = 0.0, torch.zeros((), dtype=torch.float64, device=device)  # sums in float64
+    normalisers = mini_batch_num_items(loss_config.agg, batch.mask, plan.mini_batches, info)
+    for micros, num_items in zip(plan.micro_batches, normalisers):
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for k, micro_rows in enumerate(micros):
             micro = batch.select(micro_rows)
-            width = micro.logits_to_keep
+            width, index = micro.logits_to_keep, micro_rows.to(device)
             loss, metrics = forward_backward_step(
                 policy.module,
-                micro.to(device),
-                old_logprobs[micro_rows, :width],
-                advantages[micro_rows],
-                None if ref_logprobs is None else ref_logprobs[micro_rows, :width],
-                num_items=micro_num_items(agg, num_items, micro, cfg.rollout.max_tokens),
-                sync=start == starts[-1],
-                rollout_logprobs=None if rollout_logprobs is None else rollout_logprobs[micro_rows, :width],
+                (micro.pack() if plan.packed else micro).to(device),
+                old_logprobs[index, :width],
+                advantages[index],
+                None if ref_logprobs is None else ref_logprobs[index, :width],
+                num_items=micro_num_items(loss_config, num_items, micro, cfg.rollout.max_tokens),
+                sync=k == len(micros) - 1,
+                rollout_logprobs=None if rollout_logprobs is None else rollout_logprobs[index, :width],
             )
             step_loss += loss
             micro_tokens = float(micro.mask.sum())  # the CPU mask: no device sync
@@ -593,8 +630,16 @@ def update_policy(
             step_kl = step_kl.get("kl", 0.0)
         policy.reference.after_optimizer_step(policy.model, step_kl)
     # the per-rank losses sum to world_size x the global loss (num_items is global / world_size)
-    loss = distributed.all_reduce_sum(float(loss_total), info) / info.world_size / len(mini_batches)
-    return UpdateStats(loss, float(grad_norm), {k: float(v) for k, v in sums.items()}, tokens)
+    loss = distributed.all_reduce_sum(float(loss_total), info) / info.world_size / len(plan.mini_batches)
+    return UpdateStats(
+        loss,
+        float(grad_norm),
+        {k: float(v) for k, v in sums.items()},
+        tokens,
+        real_tokens=plan.real_tokens,
+        computed_tokens=plan.computed_tokens,
+        seconds=time.perf_counter() - begin,
+    )
 
 
 def compute_advantages(
@@ -652,12 +697,15 @@ def train_step(
 
     # old (= sampling policy) log-probs from the trainer's model, and the reference's if it is separate
     batch = build_batch(rollouts.prompt_ids, rollouts.completion_ids, task.pad_id)  # CPU; moved per micro
-    micro, device = cfg.train.micro_batch_seqs, info.device
+    plan, device = (
+        micro_batch_plan(cfg, info, policy, batch),
+        info.device,
+    )  # the same micro-batches throughout
     policy.loss.eval()
-    old_logprobs, entropy = sequence_logprobs(policy.loss, batch, micro_batch=micro, device=device)
+    old_logprobs, entropy = sequence_logprobs(policy.loss, batch, plan=plan, device=device)
     ref_logprobs = None
     if not policy.reference.is_old_policy:
-        ref_logprobs, _ = sequence_logprobs(policy.reference.model, batch, micro_batch=micro, device=device)
+        ref_logprobs, _ = sequence_logprobs(policy.reference.model, batch, plan=plan, device=device)
     policy.loss.train()
 
     # the engine's log-probs of the same tokens beside the trainer's: the mismatch (logged every step), and
@@ -680,6 +728,7 @@ def train_step(
         old_logprobs,
         ref_logprobs,
         advantages,
+        plan,
         rollout_logprobs=rollout_logprobs if correction.rollout_is is not None else None,
     )
 
@@ -699,6 +748,8 @@ def train_step(
         **update.sums,
         **stats,
         **mismatch,
+        "padding_frac": float(update.computed_tokens - update.real_tokens),  # of the update's micro-batches
+        "train_tokens_per_s": float(update.real_tokens),  # over all ranks: sum of tokens / mean update time
     }
     counts = {
         "reward": len(rewards),
@@ -708,6 +759,8 @@ def train_step(
         **{k: update.tokens for k in update.sums},
         **{k: 1.0 for k in stats},
         **mismatch_counts,
+        "padding_frac": float(update.computed_tokens),
+        "train_tokens_per_s": update.seconds / info.world_size,
     }
     record = {"step": step + 1, **distributed.reduce_metrics(sums, counts, info)}
     record["loss"], record["grad_norm"] = update.loss, update.grad_norm

@@ -7,6 +7,8 @@ The fused losses take the last hidden states and the LM-head weight instead of `
     logp = rk.fused_linear_logprobs(hidden, weight, input_ids[:, -K:], bias=bias)         # [B, K]
 
 ``logp`` equals ``log_softmax(model(input_ids, attention_mask).logits)`` gathered at the targets.
+Sequences packed back to back in one row (no padding, ``position_ids`` restarting at 0 for each, as
+transformers' ``DataCollatorWithFlattening`` lays them out) go through :func:`packed_hidden_states` instead.
 
 Under DistributedDataParallel, FSDP or DeepSpeed the whole computation (backbone *and* fused loss) must run
 inside the wrapper's forward, or gradients are not synchronised; :func:`run_inside_forward` does that.
@@ -17,9 +19,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["completion_hidden_states", "lm_head_params", "run_inside_forward", "unwrap_model"]
+__all__ = [
+    "completion_hidden_states",
+    "lm_head_params",
+    "packed_hidden_states",
+    "run_inside_forward",
+    "unwrap_model",
+]
 
 T = TypeVar("T")
 
@@ -111,6 +120,39 @@ def completion_hidden_states(
     outputs = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden[:, seq_len - logits_to_keep - 1 : seq_len - 1]
+
+
+def packed_hidden_states(
+    model: nn.Module, input_ids: Tensor, position_ids: Tensor, rows: Tensor, **backbone_kwargs: Any
+) -> Tensor:
+    """Last-layer hidden states (after the final norm) of sequences packed into one row, gathered at ``rows``.
+
+    Args:
+        model: a transformers ``*ForCausalLM``, optionally PEFT-wrapped.
+        input_ids: ``[1, T]``: the sequences back to back, no padding.
+        position_ids: ``[1, T]``: each sequence's positions ``0, 1, ...``; the backbone runs without an
+            attention mask, so transformers reads the sequence boundaries from them (varlen
+            ``flash_attention_2``/``_3``, ``flex_attention``'s block mask, or a ``[T, T]`` block-diagonal mask
+            for ``sdpa`` and ``eager``).
+        rows: int64 positions in ``[0, T)``, any shape: the position whose hidden state is wanted (the one
+            before a target token predicts it).
+        backbone_kwargs: passed to the backbone.
+
+    Returns:
+        ``[*rows.shape, H]`` in the model's dtype; the gather's backward scatters into the packed row.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        got = getattr(input_ids, "shape", type(input_ids))
+        raise ValueError(f"input_ids: expected one packed row [1, T], got {got}")
+    if not isinstance(position_ids, Tensor) or position_ids.shape != input_ids.shape:
+        got = getattr(position_ids, "shape", type(position_ids))
+        raise ValueError(f"position_ids: expected the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+    if not isinstance(rows, Tensor) or rows.dtype != torch.int64:
+        raise TypeError(f"rows: expected an int64 tensor, got {getattr(rows, 'dtype', type(rows))}")
+    backbone_kwargs.setdefault("use_cache", False)  # with a cache transformers ignores the packed positions
+    outputs = _backbone(model)(input_ids=input_ids, position_ids=position_ids, **backbone_kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden[0][rows]
 
 
 def run_inside_forward(model: nn.Module, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -81,6 +81,12 @@ def test_find_max_tokens_brackets_the_true_limit(per_token):
     assert len(calls) < 15
 
 
+def test_find_max_tokens_by_another_factor_probes_its_sweep_then_bisects():
+    calls = []
+    search = find_max_tokens(affine_probe(0, 1000, calls), 10_000_000, 1024, 65536, granule=512, factor=4)
+    assert calls[:3] == [1024, 4096, 16384] and search.max_n <= 10_000 < search.max_n + 1250
+
+
 def test_find_max_tokens_cap_and_nothing_fits():
     capped = find_max_tokens(affine_probe(0, 1, []), 10**12, n_min=1024, n_max=5000)
     assert capped.capped and capped.max_n == 5000

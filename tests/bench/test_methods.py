@@ -60,7 +60,7 @@ def test_ours_and_matmul_run_first_in_every_suite():
     assert run_order(["naive", "x.py:f"]) == ["naive", "x.py:f"]
     shape = Shape("custom", 64, 8, 16)
     for suite in SUITES.values():
-        if suite.name == "long-context":
+        if suite.name in ("long-context", "train-step"):  # searches of their own
             continue
         order = [m for m, _ in cases(suite, [shape, shape], list(reversed(METHODS)), "float32", "cpu", 0, 1)]
         assert order[: min(2, len(suite.methods))] == [m for m in ("ours", "matmul") if m in suite.methods]

@@ -96,3 +96,73 @@ def test_update_rewrites_only_the_block(tmp_path):
     page.write_text("no markers here\n")
     with pytest.raises(ValueError, match="bench:start"):
         readme.update(page, results)
+
+
+def step(method, n, peak_mib, rate, status="ok", over=False):
+    ok = status == "ok"
+    return {
+        "suite": "train-step",
+        "method": method,
+        "shape": "m",
+        "n": n,
+        "h": 8,
+        "v": 16,
+        "layers": 1,
+        "status": status,
+        "reason": "" if ok else "needs CUDA",
+        "note": "",
+        "peak_mem_bytes": peak_mib * MIB if ok else None,
+        "within_budget": ok and not over,
+        "over_limit": over,
+        "tokens_per_s": rate if ok else None,
+        "probe": "sweep",
+    }
+
+
+def fit(method, max_n, capped, status="ok"):
+    return {
+        "suite": "train-step-fit",
+        "method": method,
+        "shape": "m",
+        "prompt": 128,
+        "status": status,
+        "reason": "" if status == "ok" else "needs CUDA",
+        "note": "",
+        "budget_bytes": 8 * 2**30,
+        "max_n": max_n,
+        "capped": capped,
+        "peak_mem_bytes": None,
+        "probes": [],
+    }
+
+
+def test_render_adds_the_newest_train_step_run_of_the_class(tmp_path):
+    results = tmp_path / "bench" / "results"
+    write_run(results / "cpu", "CPU A", "2026-02-01T00:00:00", [row("naive", 64, 200.0, 400)])
+    rows = [
+        step("ours", 1024, 100, 50.0),
+        step("ours", 4096, 120, 40.0),
+        step("trl", 1024, 1000, 20.0),
+        step("trl", 4096, 4000, 10.0),
+        step("transformers", 1024, 3000, 30.0),
+        step("transformers", 4096, 9000, 1.0, over=True),
+        step("trl-liger", 1024, 0, 0, status="skipped"),
+        fit("ours", 4096, True),
+        fit("trl", 4096, True),
+        fit("transformers", 3072, False),
+        fit("trl-liger", 0, False, status="skipped"),
+        {"suite": "padding", "method": "fixed", "shape": "rpg", "rows": 64, "cap": 4096, "seeds": 3,
+         "padding_fraction": 0.3},
+        {"suite": "padding", "method": "token-budget", "shape": "rpg", "rows": 64, "cap": 4096, "seeds": 3,
+         "padding_fraction": 0.05},
+    ]  # fmt: skip
+    write_run(results / "cpu-train-step", "CPU A", "2026-01-01T00:00:00", rows)
+    text = readme.render(results, tmp_path)
+    cpu = text[text.index("### CPU") :]
+    assert cpu.index("Loss forward + backward") < cpu.index("Training step at long context")
+    assert "| ours | ≥ 4096 (cap) | 100 | 120 | 50 | 40 | ok |" in cpu
+    assert "| transformers | 3072 | 3000 | over budget | 30 | — | ok |" in cpu
+    assert "| trl-liger | — | — | — | — | — | skipped: needs CUDA |" in cpu
+    assert "3.0 % of trl at 4096 (120 vs 4000 MiB)" in cpu and "3.3 % of transformers at 1024" in cpu
+    assert "fixed 30.0 %, token-budget 5.0 %" in cpu
+    assert "cpu-train-step/results.md" in cpu

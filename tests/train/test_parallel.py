@@ -36,11 +36,14 @@ class Case(NamedTuple):
     checkpointing: bool = False
     clip: float = 1e6  # optim.grad_clip: 1e6 never clips
     offload: bool = False  # fsdp only
+    tokens: int = 0  # train.micro_batch_tokens (0: micro-batches of 3 sequences)
+    packing: str = "never"
 
     def __str__(self) -> str:
         return (
             f"{self.agg}-{'tied' if self.tied else 'untied'}{'-checkpointing' if self.checkpointing else ''}"
             f"{f'-clip{self.clip:g}' if self.clip < 1e6 else ''}{'-offload' if self.offload else ''}"
+            f"{f'-tokens{self.tokens}' if self.tokens else ''}{'-packed' if self.packing == 'always' else ''}"
         )
 
 
@@ -50,6 +53,9 @@ CASES = [Case(agg) for agg in AGGS] + [
     Case("token-mean", checkpointing=True),
     Case("token-mean", tied=True, clip=0.05),  # clipping by the global norm of the sharded gradients
     Case("token-mean", clip=0.05, offload=True),
+    # token budgets: the ranks' rows split into different numbers of micro-batches, evened out
+    Case("seq-mean-token-mean", tokens=24),
+    Case("seq-mean-token-sum-norm", checkpointing=True, tokens=20, packing="always"),
 ]
 SINGLE = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -98,6 +104,21 @@ def make_policy(mode, info, tied, checkpointing, optimizer="sgd", offload=False,
     return Policy(model, loss, module, optim, scheduler, ReferencePolicy(model))
 
 
+def token_plan(prompts, completions, rows_per_step, case: Case):
+    """One rank's own micro-batches under ``case``'s token budget (before the ranks even their counts)."""
+    from rpg_train.batching import plan_micro_batches
+
+    batch = build_batch(prompts, completions, pad_id=0)
+    lengths = batch.attention_mask.sum(1)
+    return plan_micro_batches(
+        lengths,
+        rows_per_step,
+        micro_batch_seqs=3,
+        micro_batch_tokens=case.tokens,
+        packed=case.packing == "always",
+    )
+
+
 def run_updates(mode, info, prompts, completions, rewards, case: Case):
     """``UPDATES`` updates (2 optimizer steps each) from fixed rollouts: full weights, losses and gradient
     norms, calls of the first layer in the last update."""
@@ -110,6 +131,9 @@ def run_updates(mode, info, prompts, completions, rewards, case: Case):
             "train.micro_batch_seqs=3",
             f"optim.grad_clip={case.clip}",
             "rollout.max_tokens=8",
+            "rollout.max_model_len=16",
+            f"train.micro_batch_tokens={case.tokens}",
+            f"train.packing={case.packing}",
         ],
     )
     policy = make_policy(mode, info, case.tied, case.checkpointing, offload=case.offload)
@@ -221,12 +245,20 @@ def test_fsdp_equals_ddp_equals_one_process_on_union(two_ranks, case):
                     got[name], value, rtol=1e-5, atol=1e-6, msg=f"{mode} {case} {name}"
                 )
             assert got_losses == pytest.approx(losses, rel=1e-5, abs=1e-7), (mode, case)  # losses, norms
+            if case.tokens:  # every rank runs as many micro-batches as the rank with the most
+                assert got_calls == two_ranks[1 - rank][mode, str(case)][2], (mode, case)
+                continue
             # per update, 2 mini-batches of 4 rows per rank = 4 micro-batches of <= 3 rows; checkpointing
             # recomputes each layer's forward in backward, so it calls the layer twice as often
             assert got_calls == (8 if case.checkpointing else 4), (mode, case, got_calls)
-    assert calls == (12 if case.checkpointing else 6), (
-        calls
-    )  # one process: 2 mini-batches of 8 rows = 6 micro-batches
+    if case.tokens:  # the two ranks' own plans differ in length: the counts were evened out
+        counts = [
+            [len(m) for m in token_plan(*rank_rollouts(rank)[:2], 2 * GROUP_SIZE, case).micro_batches]
+            for rank in range(2)
+        ]
+        assert counts[0] != counts[1], counts
+    else:
+        assert calls == (12 if case.checkpointing else 6), calls  # one process: 2 x 8 rows = 6 micro-batches
     moved = [bool((value - initial[k]).abs().max() > 1e-6) for k, value in weights.items()]
     assert sum(moved) > len(moved) // 2, f"{case}: the updates left most parameters unchanged"
     norms = losses[1::2]

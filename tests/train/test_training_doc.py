@@ -3,11 +3,13 @@ command of its ``bash`` blocks and every inline ``--set`` example, at tiny scale
 a few, the ``hf`` engine) or, where a GPU and a real model are needed, through the full validation
 (``--print-config``)."""
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from rpg_train.__main__ import main
 from rpg_train.config import ConfigError, build_config
@@ -84,7 +86,7 @@ def test_every_command_runs_at_tiny_scale_or_validates(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_every_inline_set_example_runs_at_tiny_scale_or_validates(tmp_path, monkeypatch):
+def test_every_inline_set_example_runs_at_tiny_scale_or_validates(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     examples = doc_set_examples()
     assert len(examples) >= 4, examples
@@ -96,4 +98,14 @@ def test_every_inline_set_example_runs_at_tiny_scale_or_validates(tmp_path, monk
             build_config("tiny", overrides=overrides)
         except ConfigError:
             continue
-        assert main([*tiny_argv(example), "--out", f"runs/{len(overrides)}-{abs(hash(tuple(example)))}"]) == 0
+        argv = [*tiny_argv(example), "--out", f"runs/{len(overrides)}-{abs(hash(tuple(example)))}"]
+        if any(o.startswith("model.attn_implementation=flash") for o in overrides) and not has_flash_attn():
+            capsys.readouterr()
+            assert main(argv) == 2, example  # refused at load time, naming the field
+            assert "model.attn_implementation=flash" in capsys.readouterr().err
+            continue
+        assert main(argv) == 0, example
+
+
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
