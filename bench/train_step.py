@@ -212,7 +212,7 @@ def _trainer_config(task: str, p: TrainProblem, batching: str):
     from rpg_train.config import build_config
 
     longest = max(len(a) + len(b) for a, b in zip(p.prompts, p.completions))
-    cap = p.shape.n if task == "micro-batching" else longest
+    cap = p.shape.n if task == "micro-batching" else max(len(b) for b in p.completions)
     max_len = (SPREAD_PROMPTS[1] + cap) if task == "micro-batching" else longest
     groups = SPREAD_GROUPS if task == "micro-batching" else 1
     group_size = len(p.prompts) // groups
@@ -226,6 +226,7 @@ def _trainer_config(task: str, p: TrainProblem, batching: str):
         f"train.packing={'always' if batching == 'packed' else 'never'}",
         f"rollout.max_tokens={cap}",
         f"rollout.max_model_len={max_len}",
+        "algo.advantage=batch_mean",  # the advantages are the problem's; a group of one must validate
     ]
     return build_config("tiny", overrides=overrides)
 
