@@ -5,6 +5,7 @@ Both functions validate every input before any kernel runs, then call the orches
 tensors and the chunked PyTorch path otherwise; on Triton, ``method="auto"`` is the single pass (cuBLAS
 chunk GEMMs and one row kernel, a ``[C, V]`` workspace of at most ``workspace_bytes``) and
 ``method="fused"`` the Triton kernels that hold no ``[C, V]`` chunk at all (the least memory, slower).
+The PyTorch path's blocks of logits fit ``workspace_bytes`` too (64 MiB by default).
 
 Dtypes (docs/MATH.md §8): ``hidden``/``weight`` in fp16, bf16 or fp32 (fp64 on the torch backend, for
 gradcheck). The products run in the activation dtype -- the autocast dtype when autocast is on, else
@@ -34,7 +35,7 @@ from rpg_kernels.loss.inputs import validate_loss_inputs
 from rpg_kernels.ops.autograd import LinearLogprobs, PrecomputedGrads, caller_grads, make_head
 from rpg_kernels.ops.dispatch import resolve_backend, resolve_method
 from rpg_kernels.ops.fused_head import head_loss
-from rpg_kernels.ops.lm_head import DEFAULT_WORKSPACE_BYTES, HeadOptions
+from rpg_kernels.ops.lm_head import HeadOptions, default_workspace_bytes
 
 __all__ = ["fused_linear_logprobs", "fused_linear_rpg_loss"]
 
@@ -66,9 +67,9 @@ def _validate_head(
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     temperature = check_positive_number("temperature", temperature)
-    if workspace_bytes is None:
-        workspace_bytes = DEFAULT_WORKSPACE_BYTES
-    elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1:
+    if workspace_bytes is not None and (
+        isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1
+    ):
         raise ValueError(f"workspace_bytes must be a positive int (bytes), got {workspace_bytes!r}")
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if hidden.device.type == "meta":
@@ -96,6 +97,8 @@ def _validate_head(
             raise TypeError(f"{name} must be one of {allowed} on backend {backend!r}, got {t.dtype}")
     if dtype not in allowed:
         raise TypeError(f"hidden: the autocast dtype {dtype} is not one of {allowed} on backend {backend!r}")
+    if workspace_bytes is None:
+        workspace_bytes = default_workspace_bytes(backend)
     options = HeadOptions(
         backend=backend, method=method, deterministic=deterministic, workspace_bytes=workspace_bytes
     )
@@ -127,7 +130,8 @@ def fused_linear_logprobs(
         return_entropy: also return ``entropy = lse - sum(softmax(z) * z)`` (differentiable).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; method: ``"auto"``, ``"single_pass"`` or
             ``"fused"`` (Triton); deterministic: the fused backward without atomics; workspace_bytes:
-            the single pass's ``[C, V]`` budget (default 1 GiB).
+            the budget of the ``[C, V]`` logits buffers (default 1 GiB for Triton's single pass, 64 MiB
+            for the PyTorch path's blocks).
 
     Returns:
         ``logprobs`` shaped like ``targets`` (fp32), or ``(logprobs, entropy)``.

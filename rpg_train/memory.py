@@ -20,8 +20,8 @@
   needs ``a T (2I + 2H)`` more; the hidden states' fp32 gradient ``4TH`` waits from the loss to the backward;
 - the fused loss's workspace, in the forward (its blocks are freed before the backward): on CUDA the single
   pass's fp32 ``[C, V]`` logits chunk and its 16-bit ``dz``, at most ``DEFAULT_WORKSPACE_BYTES``, plus its
-  fp32 ``dW`` accumulator ``4 V H``; on CPU the chunked path's ``max(SINGLE_PASS_BLOCK_ELEMENTS, 64 V)``
-  fp32 elements, three live at once;
+  fp32 ``dW`` accumulator ``4 V H``; on CPU the chunked path's block of whole fp32 rows, at most
+  ``TORCH_WORKSPACE_BYTES``, its two cache-sized scratch buffers and the same accumulator;
 - AdamW's step, when the activations are freed: foreach AdamW (CUDA) a temporary of ``4P/s``, per-parameter
   AdamW (CPU) one of the embedding's size;
 - vLLM: ``gpu_memory_utilization x GPU`` while it generates (the trainer's weights and optimizer states stay
@@ -198,8 +198,8 @@ def estimate(
         raise ValueError(f"parallel must be ddp or fsdp, got {parallel!r}")
     if offload and parallel != "fsdp":
         raise ValueError("offload needs parallel=fsdp")
-    from rpg_kernels.ops.chunked import MIN_TOKENS_PER_CHUNK, SINGLE_PASS_BLOCK_ELEMENTS
-    from rpg_kernels.ops.lm_head import DEFAULT_WORKSPACE_BYTES
+    from rpg_kernels.ops.chunked import ROW_GROUP_ELEMENTS
+    from rpg_kernels.ops.lm_head import DEFAULT_WORKSPACE_BYTES, TORCH_WORKSPACE_BYTES
 
     cuda = device == "cuda"
     a = 2 if cuda else 4  # compute dtype bytes: bf16 on CUDA (autocast / FSDP mixed precision), fp32 on CPU
@@ -222,7 +222,8 @@ def estimate(
     if cuda:
         loss_workspace = min(DEFAULT_WORKSPACE_BYTES, (4 + a) * tokens * v) + 4 * v * h
     else:
-        loss_workspace = 3 * 4 * min(max(SINGLE_PASS_BLOCK_ELEMENTS, MIN_TOKENS_PER_CHUNK * v), tokens * v)
+        scratch = 2 * 4 * min(ROW_GROUP_ELEMENTS, tokens * v)
+        loss_workspace = min(TORCH_WORKSPACE_BYTES, 4 * tokens * v) + scratch + 4 * v * h
     # the fused loss runs (and frees its blocks) in the forward, leaving the hidden states' fp32 gradient
     activations = saved + 4 * tokens * h + max(loss_workspace, recompute + backward)
     # foreach AdamW (CUDA) has a temporary as large as its shard; per-parameter AdamW (CPU) one parameter's

@@ -117,7 +117,7 @@ def test_torch_single_pass_equals_two_passes(algo, monkeypatch):
     cfg = rk.LossConfig.preset(algo, agg="seq-mean-token-mean")
     results = []
     for single_pass in (True, False):
-        monkeypatch.setattr(chunked, "single_pass_fits", lambda v, fits=single_pass: fits)
+        monkeypatch.setattr(chunked, "single_pass_fits", lambda v, elements, fits=single_pass: fits)
         h, w, b = leaves(batch)
         loss, metrics = rk.fused_linear_rpg_loss(
             h,

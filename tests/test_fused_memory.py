@@ -1,14 +1,17 @@
 """The chunked path never materialises [N, V] logits: every tensor created during forward + backward
-(recorded by a TorchDispatchMode, views included) has fewer than N * V / 8 elements."""
+(recorded by a TorchDispatchMode, views included) fits the stated workspace budget,
+``TORCH_WORKSPACE_BYTES`` by default or the caller's ``workspace_bytes``, at sizes where ``[N, V]`` is
+at least 8 times larger."""
 
 import pytest
 import torch
 
 import rpg_kernels as rk
+from rpg_kernels.ops.lm_head import TORCH_WORKSPACE_BYTES
 from tests.support import LargestAllocation
 
 N, V, H = 4096, 32768, 64
-LIMIT = N * V // 8
+BUDGET = TORCH_WORKSPACE_BYTES  # bytes; the fp32 blocks' elements are a quarter of it
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +34,36 @@ def test_recorder_sees_materialised_logits(problem):
     assert rec.largest >= 128 * V
 
 
-def test_fused_rpg_loss_workspace_does_not_grow_with_n_times_v(problem):
+def test_the_budget_is_far_below_n_times_v():
+    assert BUDGET <= N * V * 4 // 8 and V * H * 4 < BUDGET  # dW itself is allowed
+
+
+@pytest.mark.parametrize("workspace_rows", [None, 128, 32])  # default; single pass; two vocabulary passes
+def test_fused_rpg_loss_workspace_fits_the_budget(problem, workspace_rows):
     hidden, weight, targets, old, adv, mask = problem
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
+    h_size = H if workspace_rows is None else 16  # dW [V, H] below the small budgets too
+    h = hidden[:, :h_size].clone().requires_grad_()
+    w = weight[:, :h_size].clone().requires_grad_()
+    budget = BUDGET if workspace_rows is None else workspace_rows * V * 4
     with LargestAllocation() as rec:
-        loss, _ = rk.fused_linear_rpg_loss(h, w, targets, old, adv, mask, entropy_coef=0.01, backend="torch")
+        loss, _ = rk.fused_linear_rpg_loss(
+            h,
+            w,
+            targets,
+            old,
+            adv,
+            mask,
+            entropy_coef=0.01,
+            backend="torch",
+            workspace_bytes=None if workspace_rows is None else budget,
+        )
         loss.backward()
     assert h.grad is not None and w.grad is not None and torch.isfinite(w.grad).all()
-    assert rec.largest < LIMIT, f"{rec.op} produced {rec.largest} elements >= N*V/8 = {LIMIT}"
+    assert rec.largest_bytes <= budget, f"{rec.op} produced {rec.largest_bytes} bytes > {budget}"
+    assert rec.largest_bytes >= budget // 2, "the budget was not used (larger blocks are faster)"
 
 
-def test_fused_logprobs_backward_workspace_does_not_grow_with_n_times_v(problem):
+def test_fused_logprobs_backward_workspace_fits_the_budget(problem):
     hidden, weight, targets = problem[:3]
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -51,4 +72,4 @@ def test_fused_logprobs_backward_workspace_does_not_grow_with_n_times_v(problem)
         forward_ops = rec.ops
         (logprobs.sum() + 0.1 * entropy.sum()).backward()
     assert rec.ops > forward_ops + 10, "backward ran outside the recorder"
-    assert rec.largest < LIMIT, f"{rec.op} produced {rec.largest} elements >= N*V/8 = {LIMIT}"
+    assert rec.largest_bytes <= BUDGET, f"{rec.op} produced {rec.largest_bytes} bytes > {BUDGET}"

@@ -1,9 +1,12 @@
 """PyTorch path of the fused linear log-probs: the same math as the Triton kernels, chunked.
 
 For CPU tensors (and any device when ``backend="torch"``). Logits ``z = (h @ W.T + b) / T`` exist only
-one ``[token_chunk, vocab_chunk]`` block at a time (``chunk_elements`` elements, default 4M), so the
-workspace does not grow with ``N * V``; a token chunk costs one matmul per vocabulary chunk (a single
-one unless ``V`` is huge). Accumulation is fp32 (fp64 for fp64 inputs, which ``gradcheck`` uses).
+one ``[token_chunk, vocab_chunk]`` block at a time (``chunk_elements`` elements; `rpg_kernels.fused`
+derives it from ``workspace_bytes``, `DEFAULT_CHUNK_ELEMENTS` = 16M by default), so the workspace does not
+grow with ``N * V``. Blocks hold whole vocabulary rows unless ``MIN_TOKENS_PER_CHUNK`` rows exceed the
+budget; then vocabulary chunks are merged. A block's elementwise passes run on sub-blocks of about
+`ROW_GROUP_ELEMENTS` logits (one extra 2 MiB scratch), which stay in cache between passes. Accumulation
+is fp32 (fp64 for fp64 inputs, which ``gradcheck`` uses).
 
 Per token (docs/MATH.md §6)::
 
@@ -12,9 +15,8 @@ Per token (docs/MATH.md §6)::
     dh  = dz @ W / T,  dW = dz.T @ h / T,  db = sum_n dz / T
 
 Three entry points: `chunked_forward` (per-token outputs), `chunked_backward` (recomputes the logits
-from the saved ``lse``), and `chunked_forward_backward`, the single pass the fused loss uses: each
-token chunk's logits are computed once, whole vocabulary rows at a time (at least
-``MIN_TOKENS_PER_CHUNK`` rows, so ``V <= SINGLE_PASS_MAX_ELEMENTS / MIN_TOKENS_PER_CHUNK``), its
+from the saved ``lse``), and `chunked_forward_backward`, the single pass the fused loss uses where
+`single_pass_fits`: each token chunk's logits are computed once, whole vocabulary rows at a time, its
 per-token upstream grads come from a callback as soon as its log-probs exist, and the gradients follow
 from the same block (6 N H V flops instead of 8).
 """
@@ -29,13 +31,12 @@ from torch import Tensor
 
 from rpg_kernels.ops.lm_head import HeadGrads, LMHead, UpstreamGrads
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# The default block, 64 MiB in fp32 (`rpg_kernels.ops.lm_head.TORCH_WORKSPACE_BYTES`): 512 rows of a 32k
+# vocabulary, whole rows up to V = 262144 (Qwen, Llama 3, Gemma 3). Large blocks make the dW updates
+# rank-512 GEMMs (each update reads and writes all of dW: rank-128 ones cost 20 % more time on CPU).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 MIN_TOKENS_PER_CHUNK = 64
-# The single pass's largest block (64 MiB in fp32): vocabularies up to 262144 (Qwen, Llama 3, Gemma 3).
-SINGLE_PASS_MAX_ELEMENTS = 1 << 24
-# Its default block (16 MiB in fp32: 128 rows of a 32k vocabulary) for the rank-C dW updates, while the
-# elementwise passes run on cache-sized sub-blocks (ROW_GROUP_ELEMENTS).
-SINGLE_PASS_BLOCK_ELEMENTS = 1 << 22
+ROW_GROUP_ELEMENTS = 1 << 19  # 2 MiB of fp32 logits: a sub-block's passes stay in cache
 
 # (positions of this token chunk, logprob [n], entropy [n]) -> (g_l [n], g_H [n] | None)
 TokenGrads = Callable[[slice | Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]
@@ -54,16 +55,16 @@ def chunk_sizes(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_E
     return token_chunk, vocab_chunk
 
 
-def single_pass_fits(vocab: int) -> bool:
-    """Whether `chunked_forward_backward` can run: ``MIN_TOKENS_PER_CHUNK`` whole vocabulary rows fit
-    in ``SINGLE_PASS_MAX_ELEMENTS``."""
-    return MIN_TOKENS_PER_CHUNK * vocab <= SINGLE_PASS_MAX_ELEMENTS
+def single_pass_fits(vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> bool:
+    """Whether blocks of whole vocabulary rows fit the budget: ``MIN_TOKENS_PER_CHUNK`` rows of them
+    (fewer rows make the ``dW`` updates dominate; the fused loss then takes two vocabulary-chunked
+    passes)."""
+    return MIN_TOKENS_PER_CHUNK * vocab <= chunk_elements
 
 
 def single_pass_token_chunk(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
-    """Tokens per block of the single pass: whole rows, ``chunk_elements`` of them or at least
-    ``MIN_TOKENS_PER_CHUNK`` rows (fewer tokens make the ``dW`` updates dominate)."""
-    return max(1, min(n_tokens, max(MIN_TOKENS_PER_CHUNK, int(chunk_elements) // vocab)))
+    """Tokens per block of whole rows: as many as ``chunk_elements`` hold (at least one)."""
+    return max(1, min(n_tokens, int(chunk_elements) // vocab))
 
 
 class _Head:
@@ -109,11 +110,15 @@ class _Head:
         for v0 in range(0, self.vocab, self.vocab_chunk):
             yield v0, slice(v0, v0 + self.vocab_chunk)
 
-    def logits(self, h: Tensor, cols: slice) -> Tensor:
+    def logits(self, h: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+        """``[n, cols]`` logits of the hidden rows ``h``, into ``out[:n]`` when given (a reused block
+        buffer: a fresh large allocation pays its page faults on every block)."""
         h_scaled = h * self.inv_t if self.inv_t != 1.0 else h
+        weight = self.weight[cols].T
+        out = None if out is None else out[: h.shape[0]]
         if self.bias is None:
-            return h_scaled @ self.weight[cols].T
-        return torch.addmm(self.bias[cols], h_scaled, self.weight[cols].T)
+            return torch.mm(h_scaled, weight, out=out)
+        return torch.addmm(self.bias[cols], h_scaled, weight, out=out)
 
     def per_token(self) -> Tensor:
         """A zero ``[N]`` vector in the accumulation dtype (ignored and masked-out tokens keep 0)."""
@@ -220,6 +225,14 @@ def chunked_forward(
     run = _Head(head, chunk_elements=chunk_elements)
     logprob, lse = run.per_token(), run.per_token()
     entropy = run.per_token() if with_entropy else None
+    if run.vocab_chunk == run.vocab:  # whole rows: the statistics in cache-sized sub-blocks
+        block, scratch, group = _row_buffers(run)
+        for tokens, h, y in run.token_chunks():
+            stats = _row_statistics_(run.logits(h, slice(0, run.vocab), out=block), y, scratch, group)
+            logprob[tokens], lse[tokens] = stats.logprob, stats.lse
+            if with_entropy:
+                entropy[tokens] = stats.entropy
+        return logprob, lse, entropy
     for tokens, h, y in run.token_chunks():
         target_logit = torch.zeros(h.shape[0], dtype=run.acc, device=h.device)
         chunk_lse, chunk_entropy = [], []
@@ -285,31 +298,25 @@ def chunked_forward_backward(
     keep: Tensor,
     token_grads: TokenGrads,
     need: tuple[bool, bool, bool] = (True, True, True),
-    chunk_elements: int = SINGLE_PASS_BLOCK_ELEMENTS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> HeadGrads:
     """One pass: ``(dh, dW, db)``; each block's logits are computed once.
 
     ``keep [N]``: the tokens of the loss (the others get no log-prob and no gradient).
     ``token_grads(tokens, logprob, entropy)`` receives each block's positions (a slice or an index tensor
     into the ``N`` tokens) and log-probs / entropies, and returns their upstream grads
-    ``(g_l, g_H | None)``; it may not depend on other blocks. Needs `single_pass_fits`; blocks of
-    `single_pass_token_chunk` tokens (whole vocabulary rows, up to ``chunk_elements`` logits).
+    ``(g_l, g_H | None)``; it may not depend on other blocks. Blocks of `single_pass_token_chunk`
+    tokens (whole vocabulary rows, up to ``chunk_elements`` logits, at least one row).
 
     A block's elementwise work runs on sub-blocks of about `ROW_GROUP_ELEMENTS` logits, which stay in
     cache between their passes, while the GEMMs see the whole block (a large ``K`` for ``dW``).
     """
-    if not single_pass_fits(head.vocab):
-        raise ValueError(
-            f"weight: a vocabulary of {head.vocab} is too large for the single pass "
-            f"({MIN_TOKENS_PER_CHUNK} rows must fit SINGLE_PASS_MAX_ELEMENTS={SINGLE_PASS_MAX_ELEMENTS})"
-        )
     run = _Head(head, keep, chunk_elements, whole_rows=True)
     acc, all_cols = run.acc, slice(0, run.vocab)
     out = _GradAccumulator(head, acc, need)
-    group = max(1, ROW_GROUP_ELEMENTS // run.vocab)
-    scratch = torch.empty((min(group, run.token_chunk), run.vocab), dtype=acc, device=head.hidden.device)
+    block, scratch, group = _row_buffers(run)
     for tokens, h, y in run.token_chunks():
-        z = run.logits(h, all_cols)
+        z = run.logits(h, all_cols, out=block)
         stats = _row_statistics_(z, y, scratch, group)
         g_l, g_h = token_grads(tokens, stats.logprob, stats.entropy)
         _logit_grads_from_stats_(
@@ -319,7 +326,13 @@ def chunked_forward_backward(
     return out.result()
 
 
-ROW_GROUP_ELEMENTS = 1 << 19  # 2 MiB of fp32 logits: a sub-block's passes stay in cache
+def _row_buffers(run: _Head) -> tuple[Tensor, Tensor, int]:
+    """``(block [token_chunk, V], scratch [group, V], group)`` for whole-row blocks: the logits block,
+    reused by every token chunk, and the sub-blocks' scratch of ``group`` rows."""
+    device = run.head.hidden.device
+    group = max(1, min(ROW_GROUP_ELEMENTS // run.vocab, run.token_chunk))
+    block = torch.empty((run.token_chunk, run.vocab), dtype=run.acc, device=device)
+    return block, torch.empty((group, run.vocab), dtype=run.acc, device=device), group
 
 
 @dataclass
@@ -329,13 +342,14 @@ class _RowStats:
     logprob: Tensor
     entropy: Tensor
     log_sum: Tensor
+    lse: Tensor
 
 
 def _row_statistics_(z: Tensor, y: Tensor, scratch: Tensor, group: int) -> _RowStats:
     """Log-prob and entropy of each row of ``z [n, V]``, sub-block by sub-block; ``z`` becomes
     ``z - max`` per row (in place)."""
     n = z.shape[0]
-    logprob, entropy, log_sum = (torch.empty(n, dtype=z.dtype, device=z.device) for _ in range(3))
+    logprob, entropy, log_sum, lse = (torch.empty(n, dtype=z.dtype, device=z.device) for _ in range(4))
     target = z.gather(1, y[:, None])[:, 0]
     for r0 in range(0, n, group):
         rows = slice(r0, r0 + group)
@@ -344,12 +358,13 @@ def _row_statistics_(z: Tensor, y: Tensor, scratch: Tensor, group: int) -> _RowS
         zr.sub_(row_max)
         e = torch.exp(zr, out=scratch[: zr.shape[0]])
         s = e.sum(dim=1)
-        t = torch.bmm(e[:, None, :], zr[:, :, None])[:, 0, 0]  # sum e * (z - max), no [n, V] temporary
+        t = torch.linalg.vecdot(e, zr)  # sum e * (z - max): cache-sized temporaries (bmm is 10x slower)
         ls = s.log()
         log_sum[rows] = ls
-        logprob[rows] = target[rows] - row_max[:, 0] - ls
+        lse[rows] = row_max[:, 0] + ls
+        logprob[rows] = target[rows] - row_max[:, 0] - ls  # (z_y - max) - log s: exact at |z| ~ 1e3
         entropy[rows] = ls - t / s
-    return _RowStats(logprob, entropy, log_sum)
+    return _RowStats(logprob, entropy, log_sum, lse)
 
 
 def _logit_grads_from_stats_(

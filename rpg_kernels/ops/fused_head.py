@@ -45,7 +45,7 @@ def head_logprobs(
         empty = head.hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty, (empty if with_entropy else None)
     if options.backend == "torch":
-        return chunked.chunked_forward(head, with_entropy)
+        return chunked.chunked_forward(head, with_entropy, _block_elements(head, options))
     if options.method == "fused":
         from rpg_kernels.ops.linear_logprobs_forward import linear_logprobs_forward
 
@@ -65,7 +65,9 @@ def head_logprob_grads(
         zeros = lambda t, need: torch.zeros_like(t) if need and t is not None else None  # noqa: E731
         return HeadGrads(zeros(head.hidden, need_h), zeros(head.weight, need_w), zeros(head.bias, need_b))
     if options.backend == "torch":
-        return chunked.chunked_backward(head, lse, entropy, grads, options.need)
+        return chunked.chunked_backward(
+            head, lse, entropy, grads, options.need, _block_elements(head, options)
+        )
     if options.method == "fused":
         from rpg_kernels.ops.linear_logprobs_backward import linear_logprobs_backward
 
@@ -98,10 +100,11 @@ def head_loss(
     weights = aggregation_weights(prepared.mask, config.agg, num_items, dtype, config.max_completion_length)
     need_grads = any(options.need)
     if need_grads and supports_streaming(config):
-        if options.backend == "torch" and chunked.single_pass_fits(head.vocab):
+        block = _block_elements(head, options)
+        if options.backend == "torch" and chunked.single_pass_fits(head.vocab, block):
             stream = StreamingLoss(prepared, weights, config, entropy_coef)
             grads = chunked.chunked_forward_backward(
-                head, prepared.mask.reshape(-1), stream.token_grads, options.need
+                head, prepared.mask.reshape(-1), stream.token_grads, options.need, block
             )
             loss, metrics = stream.finish()
             return loss, metrics, grads
@@ -141,6 +144,12 @@ def head_loss(
     grads = head_logprob_grads(head, lse, entropy.reshape(-1), upstream, options)
     options.lap("finish")
     return loss, metrics, grads
+
+
+def _block_elements(head: LMHead, options: HeadOptions) -> int:
+    """The PyTorch path's block, in logits: ``workspace_bytes`` of the accumulation dtype."""
+    itemsize = torch.empty((), dtype=chunked.compute_dtype(head.hidden.dtype)).element_size()
+    return max(1, options.workspace_bytes // itemsize)
 
 
 def _single_pass_loss(

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-DEFAULT_WORKSPACE_BYTES = 1 << 30  # the single pass's [C, V] logits chunk + its dz, at most 1 GiB
+DEFAULT_WORKSPACE_BYTES = 1 << 30  # the Triton single pass's [C, V] logits chunk + its dz, at most 1 GiB
+TORCH_WORKSPACE_BYTES = 1 << 26  # the PyTorch path's logits block: 64 MiB of fp32 (one 2 MiB scratch beside)
+
+
+def default_workspace_bytes(backend: str) -> int:
+    """``workspace_bytes`` when the caller gives none: 1 GiB for Triton, 64 MiB for the PyTorch path."""
+    return DEFAULT_WORKSPACE_BYTES if backend == "triton" else TORCH_WORKSPACE_BYTES
+
+
 FP16_DZ_TARGET = 2.0**14  # the largest |dz| after the fp16 scaling: headroom below fp16's 65504
 
 
@@ -76,14 +84,15 @@ class HeadOptions:
     ``backend``: ``"triton"`` or ``"torch"``; ``method`` (Triton only): ``"single_pass"`` (cuBLAS chunk
     GEMMs + the Triton row kernel, the default) or ``"fused"`` (the Triton kernels that never hold a
     ``[C, V]`` chunk); ``deterministic``: the fused backward without atomics; ``workspace_bytes``: the
-    single pass's budget for its ``[C, V]`` buffers; ``need``: which of ``(dh, dW, db)`` to compute;
-    ``laps``: called with a phase's name as each phase ends (``bench.phases`` times the phases with it).
+    budget for the ``[C, V]`` buffers of the single pass and of the PyTorch path's blocks
+    (`default_workspace_bytes`); ``need``: which of ``(dh, dW, db)`` to compute; ``laps``: called with a
+    phase's name as each phase ends (``bench.phases`` times the phases with it).
     """
 
     backend: str = "torch"
     method: str = "single_pass"
     deterministic: bool = True
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    workspace_bytes: int = TORCH_WORKSPACE_BYTES
     need: tuple[bool, bool, bool] = (True, True, True)
     laps: Callable[[str], None] | None = None
 

@@ -5,8 +5,8 @@ import torch
 
 import rpg_kernels as rk
 from rpg_kernels.ops.chunked import (
+    DEFAULT_CHUNK_ELEMENTS,
     MIN_TOKENS_PER_CHUNK,
-    SINGLE_PASS_MAX_ELEMENTS,
     chunk_sizes,
     chunked_backward,
     chunked_forward,
@@ -14,7 +14,6 @@ from rpg_kernels.ops.chunked import (
     single_pass_fits,
     single_pass_token_chunk,
 )
-from rpg_kernels.ops.lm_head import LMHead
 from tests.ops.ops_reference import assert_close, head_of, make_problem, reference, upstream
 
 # (seed, N, H, V, chunk_elements): small budgets force token chunks of 1 row and vocabulary chunks.
@@ -129,15 +128,14 @@ def test_single_pass_matches_float64_reference(seed, n, h, v, chunk, entropy_gra
     assert (dh[p.targets == -100] == 0).all()
 
 
-def test_single_pass_chunks_whole_vocabulary_rows():
-    limit = SINGLE_PASS_MAX_ELEMENTS // MIN_TOKENS_PER_CHUNK
-    assert single_pass_fits(limit) and not single_pass_fits(limit + 1)
-    assert single_pass_token_chunk(1000, 300, 64 * 100) == MIN_TOKENS_PER_CHUNK  # rows, not the budget
+def test_single_pass_chunks_whole_vocabulary_rows_within_the_budget():
+    limit = DEFAULT_CHUNK_ELEMENTS // MIN_TOKENS_PER_CHUNK  # 262144: Qwen's, Llama 3's, Gemma 3's fit
+    assert limit >= 262144 and single_pass_fits(limit) and not single_pass_fits(limit + 1)
+    assert single_pass_fits(300, 64 * 300) and not single_pass_fits(300, 64 * 300 - 1)
+    assert single_pass_token_chunk(1000, 300, 64 * 100) == 64 * 100 // 300  # the budget, in whole rows
     assert single_pass_token_chunk(1000, 300, 300 * 100) == 100
     assert single_pass_token_chunk(5, 300, 300 * 100) == 5
-    head = LMHead(torch.randn(2, 1), torch.randn(limit + 1, 1), None, torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="weight"):
-        chunked_forward_backward(head, torch.ones(2, dtype=torch.bool), lambda *a: None)
+    assert single_pass_token_chunk(5, 300, 10) == 1  # at least one row
 
 
 def test_masked_out_rows_never_reach_a_product():
