@@ -5,8 +5,8 @@ one ``[token_chunk, vocab_chunk]`` block at a time (``chunk_elements`` elements;
 derives it from ``workspace_bytes``, `DEFAULT_CHUNK_ELEMENTS` = 16M by default), so the workspace does not
 grow with ``N * V``. Blocks hold whole vocabulary rows unless ``MIN_TOKENS_PER_CHUNK`` rows exceed the
 budget; then vocabulary chunks are merged. A block's elementwise passes run on sub-blocks of about
-`ROW_GROUP_ELEMENTS` logits (one extra 2 MiB scratch), which stay in cache between passes. Accumulation
-is fp32 (fp64 for fp64 inputs, which ``gradcheck`` uses).
+`ROW_GROUP_ELEMENTS` logits (two extra 2 MiB scratch buffers), which stay in cache between passes.
+Accumulation is fp32 (fp64 for fp64 inputs, which ``gradcheck`` uses).
 
 Per token (docs/MATH.md §6)::
 
@@ -327,12 +327,13 @@ def chunked_forward_backward(
 
 
 def _row_buffers(run: _Head) -> tuple[Tensor, Tensor, int]:
-    """``(block [token_chunk, V], scratch [group, V], group)`` for whole-row blocks: the logits block,
-    reused by every token chunk, and the sub-blocks' scratch of ``group`` rows."""
+    """``(block [token_chunk, V], scratch [2, group, V], group)`` for whole-row blocks: the logits block,
+    reused by every token chunk, and the sub-blocks' two scratch buffers of ``group`` rows (allocated
+    once: a fresh large allocation pays its page faults every time)."""
     device = run.head.hidden.device
     group = max(1, min(ROW_GROUP_ELEMENTS // run.vocab, run.token_chunk))
     block = torch.empty((run.token_chunk, run.vocab), dtype=run.acc, device=device)
-    return block, torch.empty((group, run.vocab), dtype=run.acc, device=device), group
+    return block, torch.empty((2, group, run.vocab), dtype=run.acc, device=device), group
 
 
 @dataclass
@@ -356,9 +357,9 @@ def _row_statistics_(z: Tensor, y: Tensor, scratch: Tensor, group: int) -> _RowS
         zr = z[rows]
         row_max = zr.amax(dim=1, keepdim=True)
         zr.sub_(row_max)
-        e = torch.exp(zr, out=scratch[: zr.shape[0]])
+        e = torch.exp(zr, out=scratch[0, : zr.shape[0]])
         s = e.sum(dim=1)
-        t = torch.linalg.vecdot(e, zr)  # sum e * (z - max): cache-sized temporaries (bmm is 10x slower)
+        t = torch.mul(e, zr, out=scratch[1, : zr.shape[0]]).sum(dim=1)  # sum e (z - max); bmm is 10x slower
         ls = s.log()
         log_sum[rows] = ls
         lse[rows] = row_max[:, 0] + ls
@@ -391,7 +392,7 @@ def _logit_grads_from_stats_(
     for r0 in range(0, z.shape[0], group):
         rows = slice(r0, r0 + group)
         zr = z[rows]
-        e = torch.exp(zr, out=scratch[: zr.shape[0]])
+        e = torch.exp(zr, out=scratch[0, : zr.shape[0]])
         if b is None:
             torch.mul(e, a[rows, None], out=zr)
         else:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30  # the Triton single pass's [C, V] logits chunk + its dz, at most 1 GiB
-TORCH_WORKSPACE_BYTES = 1 << 26  # the PyTorch path's logits block: 64 MiB of fp32 (one 2 MiB scratch beside)
+TORCH_WORKSPACE_BYTES = 1 << 26  # the PyTorch path's logits block: 64 MiB of fp32 (+ 4 MiB scratch)
 
 
 def default_workspace_bytes(backend: str) -> int:
