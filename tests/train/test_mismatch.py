@@ -85,8 +85,15 @@ def test_the_mismatch_is_logged_and_the_correction_reaches_the_loss(tmp_path, mo
     import rpg_train.train as train_module
 
     shift = 1.2  # every token ratio exp(1.2) = 3.3 > 3: outside the bounds, in every mode
-    make_engine = train_module.make_engine
+    make_engine, collect_rollouts = train_module.make_engine, train_module.collect_rollouts
     monkeypatch.setattr(train_module, "make_engine", lambda *a: ShiftedEngine(make_engine(*a), shift))
+
+    def alternating_rewards(*args, **kwargs):  # the untrained tiny model scores 0 everywhere at step 1:
+        rollouts, stats = collect_rollouts(*args, **kwargs)  # without rewards that differ, no gradient
+        rollouts.rewards = (torch.arange(len(rollouts.rewards)) % 2).float()
+        return rollouts, stats
+
+    monkeypatch.setattr(train_module, "collect_rollouts", alternating_rewards)
 
     def one_step(out, *overrides):
         train_module.train(tiny_config(out, *overrides, steps=1))
