@@ -219,8 +219,10 @@ def chunked_forward(
     """Per-token ``(logprob, lse, entropy | None)`` ``[N]`` in the accumulation dtype (see module doc);
     0 for ignored tokens.
 
-    Vocabulary chunks ``c`` are merged at the end: ``lse = logsumexp_c lse_c`` and, with
-    ``a_c = exp(lse_c - lse)``, ``entropy = sum_c a_c * (entropy_c + lse - lse_c)``.
+    Blocks of whole rows (when ``MIN_TOKENS_PER_CHUNK`` rows fit ``chunk_elements``) take the single
+    pass's row statistics; otherwise vocabulary chunks ``c`` are merged at the end:
+    ``lse = logsumexp_c lse_c`` and, with ``a_c = exp(lse_c - lse)``,
+    ``entropy = sum_c a_c * (entropy_c + lse - lse_c)``.
     """
     run = _Head(head, chunk_elements=chunk_elements)
     logprob, lse = run.per_token(), run.per_token()

@@ -148,7 +148,7 @@ def head_loss(
 
 def _block_elements(head: LMHead, options: HeadOptions) -> int:
     """The PyTorch path's block, in logits: ``workspace_bytes`` of the accumulation dtype."""
-    itemsize = torch.empty((), dtype=chunked.compute_dtype(head.hidden.dtype)).element_size()
+    itemsize = torch.finfo(chunked.compute_dtype(head.hidden.dtype)).bits // 8
     return max(1, options.workspace_bytes // itemsize)
 
 

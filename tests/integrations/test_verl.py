@@ -140,25 +140,15 @@ def test_named_variant_fixes_options():
 @pytest.mark.skipif(not HAS_VERL, reason="verl is not installed")
 def test_through_verl_registry_matches_verl_vanilla():
     from verl.trainer.ppo import core_algos
-    from verl.utils.config import omega_conf_to_dataclass
 
     assert core_algos.get_policy_loss_fn("rpg") is rk_verl.compute_policy_loss_rpg
     assert core_algos.get_policy_loss_fn("rpg_reinforce") is rk_verl.compute_policy_loss_rpg_reinforce
-    actor = omega_conf_to_dataclass(
-        {
-            "_target_": "verl.workers.config.ActorConfig",
-            "strategy": "fsdp",
-            "rollout_n": 4,
-            "ppo_micro_batch_size_per_gpu": 2,
-            "clip_ratio_low": 0.2,
-            "clip_ratio_high": 0.28,
-            "clip_ratio_c": 3.0,
-            "policy_loss": {
-                "_target_": "rpg_kernels.integrations.verl.RPGPolicyLossConfig",
-                "loss_mode": "rpg",
-                "rpg_beta": 0.0,
-                "rpg_kl": "fkl",
-            },
+    actor = _verl_actor(
+        policy_loss={
+            "_target_": "rpg_kernels.integrations.verl.RPGPolicyLossConfig",
+            "loss_mode": "rpg",
+            "rpg_beta": 0.0,
+            "rpg_kl": "fkl",
         }
     )
     assert type(actor.policy_loss).__name__ == "RPGPolicyLossConfig" and actor.policy_loss.rpg_kl == "fkl"
@@ -220,7 +210,8 @@ def test_rollout_is_weights_through_verl_registry(level):
         torch.testing.assert_close(loss, expected, rtol=0, atol=0)
 
 
-def _verl_actor():
+def _verl_actor(**fields):
+    """verl's ``ActorConfig`` with the clip ratios of these tests (and ``fields``, e.g. ``policy_loss``)."""
     from verl.utils.config import omega_conf_to_dataclass
 
     return omega_conf_to_dataclass(
@@ -232,6 +223,7 @@ def _verl_actor():
             "clip_ratio_low": 0.2,
             "clip_ratio_high": 0.28,
             "clip_ratio_c": 3.0,
+            **fields,
         }
     )
 

@@ -24,6 +24,7 @@ from rpg_train.logprobs import IGNORE_INDEX, PolicyLoss, build_batch, sequence_l
 from rpg_train.reference import ReferencePolicy
 from rpg_train.train import Policy, micro_batch_plan, update_policy
 from tests.support import tiny_causal_lm
+from tests.train.runs import tiny_config
 
 VOCAB = 61
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -274,23 +275,8 @@ def test_a_run_with_token_budgets_and_packing_logs_padding_and_tokens_per_second
     from rpg_train.metrics import read_metrics
     from rpg_train.train import train
 
-    overrides = [
-        "rollout.backend=hf",
-        "rollout.group_size=4",
-        "train.prompts_per_step=4",
-        "train.mini_batch_prompts=2",
-        "train.steps=2",
-        "train.eval_every=0",
-        "train.progress=false",
-        "train.export=false",
-        "train.micro_batch_tokens=64",
-        f"train.out_dir={tmp_path}",
-    ]
     for packing, out in (("never", "padded"), ("always", "packed")):
-        cfg = build_config(
-            "tiny", overrides=[*overrides, f"train.packing={packing}", f"train.out_dir={tmp_path / out}"]
-        )
-        train(cfg)
+        train(tiny_config(tmp_path / out, "train.micro_batch_tokens=64", f"train.packing={packing}"))
         records = [r for r in read_metrics(tmp_path / out / "metrics.jsonl") if "reward" in r]
         assert len(records) == 2
         for record in records:
