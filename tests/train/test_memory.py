@@ -109,7 +109,10 @@ def test_estimate_matches_measured_peak_rss_on_cpu(case):
 
 
 def test_the_docs_table_is_generated_by_the_command():
-    assert memory.main(["--check"]) == 0, "run python -m rpg_train.memory --render"
+    from bench import readme
+
+    stale = readme.replace_block(readme.TRAINING, readme.memory_block(), write=False)
+    assert not stale, "run python -m bench.readme"
 
 
 def test_sharding_arithmetic_and_arguments():
